@@ -1,0 +1,201 @@
+"""Verbs of the `launcher` command. Each has an example in its help."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from launcher.errors import UserError
+
+app = typer.Typer(
+    name="launcher",
+    help="Distributed training for Hugging Face models: recipes in, checkpoints out.\n\n"
+    "Example: launcher run recipes/examples/tiny-sft.yaml train.max_steps=50",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+recipes_app = typer.Typer(help="Validate, show and document recipes.", no_args_is_help=True)
+app.add_typer(recipes_app, name="recipes")
+
+console = Console()
+
+Overrides = Annotated[
+    Optional[list[str]],
+    typer.Argument(help="key=value overrides applied last, e.g. train.max_steps=100", show_default=False),
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from launcher import __version__
+
+        console.print(f"launcher {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    pass
+
+
+@app.command()
+def run(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)],
+    overrides: Overrides = None,
+    run_dir: Annotated[
+        Optional[Path], typer.Option("--run-dir", help="Run directory (default: runs/<name>-<time>).")
+    ] = None,
+    ray_address: Annotated[
+        Optional[str],
+        typer.Option("--ray-address", help="Join this Ray cluster instead of starting one (or set RAY_ADDRESS)."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Train a recipe here, in the foreground, on a local Ray cluster.
+
+    Writes RUN_DIR/recipe.yaml (resolved), metrics.jsonl, logs/, samples.jsonl, summary.json.
+
+    Example: launcher run recipes/examples/tiny-sft.yaml train.max_steps=50 --run-dir runs/try1
+    """
+    from launcher.cli.progress import training_progress
+    from launcher.recipe import load_recipe
+    from launcher.runtime.driver import WorkerFailed
+    from launcher.runtime.job import default_run_dir, run_job
+
+    r = load_recipe(recipe, overrides or [])
+    out_dir = run_dir or default_run_dir(r)
+    out = Console(stderr=True) if as_json else console
+    out.print(f"run [bold]{r.name}[/] -> {out_dir}", highlight=False)
+    try:
+        result = run_job(
+            r, out_dir, ray_address=ray_address, progress=lambda d: training_progress(d, out)
+        )
+    except WorkerFailed as e:
+        out.print(f"[bold red]{e}[/]", highlight=False)
+        logs = sorted((out_dir / "logs").glob("rank-*.log"))
+        for log in logs[:1]:
+            tail = log.read_text(errors="replace").splitlines()[-25:]
+            out.print(f"[dim]--- last lines of {log} ---[/]", highlight=False)
+            out.print("\n".join(tail), markup=False, highlight=False)
+        raise typer.Exit(1)
+    if as_json:
+        print(json.dumps({"run_dir": str(out_dir), **result.summary, "first_loss": result.first_loss, "samples": result.samples}))
+        return
+    s = result.summary
+    console.print(
+        f"[bold green]done[/] {s['steps']} steps, {s['tokens']:,} tokens in {s['elapsed_s']:.1f}s; "
+        f"loss {result.first_loss:.4f} -> {s['final_loss']:.4f}"
+        + (f", eval loss {s['eval_loss']:.4f}" if s.get("eval_loss") is not None else ""),
+        highlight=False,
+    )
+    if result.samples:
+        table = Table(title="generations", show_lines=False)
+        table.add_column("prompt", overflow="fold")
+        if any("expected" in x for x in result.samples):
+            table.add_column("expected")
+        table.add_column("generated")
+        for x in result.samples:
+            prompt = x["prompt"].strip().splitlines()
+            cells = [" / ".join(p for p in prompt if p.strip())[-60:]]
+            if "expected" in x or any("expected" in y for y in result.samples):
+                cells.append(x.get("expected", ""))
+            cells.append(x["generated"])
+            table.add_row(*cells)
+        console.print(table)
+    console.print(f"metrics: {out_dir / 'metrics.jsonl'}   plot: launcher plot {out_dir}", highlight=False)
+
+
+@app.command()
+def plot(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory with metrics.jsonl.", show_default=False)],
+    out: Annotated[Optional[Path], typer.Option("--out", help="PNG path (default: RUN_DIR/loss.png).")] = None,
+) -> None:
+    """Plot the training (and eval) loss curves of a run to a PNG.
+
+    Example: launcher plot runs/tiny-sft-demo
+    """
+    from launcher.plot import plot_losses
+
+    path = plot_losses(run_dir, out or run_dir / "loss.png")
+    console.print(f"wrote {path}", highlight=False)
+
+
+@recipes_app.command("validate")
+def recipes_validate(
+    paths: Annotated[list[Path], typer.Argument(help="Recipe files or directories (searched recursively).", show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
+) -> None:
+    """Check recipes without running anything; exit 2 if any is invalid.
+
+    Example: launcher recipes validate recipes/
+    """
+    from launcher.recipe import load_recipe
+
+    files: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            files += sorted(x for x in p.rglob("*.yaml"))
+        elif p.exists():
+            files.append(p)
+        else:
+            raise UserError(f"{p}: no such file or directory")
+    results = []
+    for f in files:
+        try:
+            load_recipe(f)
+            results.append({"path": str(f), "ok": True})
+        except UserError as e:
+            results.append({"path": str(f), "ok": False, "error": str(e)})
+    if as_json:
+        print(json.dumps(results, indent=2))
+    else:
+        for res in results:
+            mark = "[green]ok[/]  " if res["ok"] else "[red]bad[/] "
+            console.print(mark + res["path"] + ("" if res["ok"] else f"\n      {res['error']}"), highlight=False)
+    if not all(r["ok"] for r in results):
+        raise typer.Exit(2)
+
+
+@recipes_app.command("show")
+def recipes_show(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)],
+    overrides: Overrides = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of YAML.")] = False,
+) -> None:
+    """Print the fully resolved recipe (defaults, inheritance and overrides applied).
+
+    Example: launcher recipes show recipes/examples/tiny-sft.yaml train.lr=1e-3
+    """
+    from launcher.recipe import load_recipe, to_dict, to_yaml
+
+    r = load_recipe(recipe, overrides or [])
+    print(json.dumps(to_dict(r), indent=2) if as_json else to_yaml(r), end="" if not as_json else "\n")
+
+
+@recipes_app.command("docs")
+def recipes_docs(
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write to this file instead of stdout.")] = None,
+) -> None:
+    """Print the recipe reference (every key, type, default and description) as Markdown.
+
+    Example: launcher recipes docs --out docs/recipe-reference.md
+    """
+    from launcher.recipe.docs import reference_markdown
+
+    text = reference_markdown()
+    if out:
+        out.write_text(text)
+        console.print(f"wrote {out}", highlight=False)
+    else:
+        print(text)

@@ -1,0 +1,30 @@
+"""User-facing errors: one clear message, exit code 2, no traceback (see `launcher.cli`)."""
+
+from __future__ import annotations
+
+EXIT_USAGE = 2
+"""Exit code for bad input: a recipe, a path or an option the user can fix."""
+
+
+class UserError(Exception):
+    """Bad input the user can fix. The CLI prints the message alone and exits with code 2."""
+
+    exit_code = EXIT_USAGE
+
+
+class RecipeError(UserError):
+    """A recipe key with a wrong value, type, or combination. `key` is the dotted path."""
+
+    def __init__(self, key: str, message: str, *, source: str | None = None) -> None:
+        self.key = key
+        self.message = message
+        self.source = source
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}{key}: {message}")
+
+    def with_source(self, source: str) -> "RecipeError":
+        return RecipeError(self.key, self.message, source=source)
+
+
+class DataError(UserError):
+    """A data file or row that does not fit the recipe's data format."""

@@ -1,0 +1,35 @@
+"""Recipes: YAML files through OmegaConf into typed, validated dataclasses."""
+
+from launcher.recipe.load import from_dict, load_recipe, resolve, to_dict, to_yaml
+from launcher.recipe.sections import (
+    CheckpointConfig,
+    DataConfig,
+    LoggingConfig,
+    ModelConfig,
+    ParallelismConfig,
+    Recipe,
+    ResourcesConfig,
+    SampleConfig,
+    SyntheticDataConfig,
+    TokenizerConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "CheckpointConfig",
+    "DataConfig",
+    "LoggingConfig",
+    "ModelConfig",
+    "ParallelismConfig",
+    "Recipe",
+    "ResourcesConfig",
+    "SampleConfig",
+    "SyntheticDataConfig",
+    "TokenizerConfig",
+    "TrainConfig",
+    "from_dict",
+    "load_recipe",
+    "resolve",
+    "to_dict",
+    "to_yaml",
+]

@@ -1,0 +1,85 @@
+"""Checks that span several recipe sections: combinations that cannot work."""
+
+from __future__ import annotations
+
+from launcher.errors import RecipeError
+from launcher.recipe.sections import Recipe
+
+
+def check_combinations(r: Recipe) -> None:
+    """Raise RecipeError for a combination that would fail after launch."""
+    par = r.parallelism
+    if par.pipeline_stages > 1 and par.zero_stage >= 2:
+        raise RecipeError(
+            "parallelism.zero_stage",
+            f"ZeRO-{par.zero_stage} cannot be combined with pipeline_stages={par.pipeline_stages}: "
+            "DeepSpeed's pipeline engine supports ZeRO 0 or 1 only. Set parallelism.zero_stage=1 "
+            "or parallelism.pipeline_stages=1",
+        )
+    if par.offload_param != "none" and par.zero_stage != 3:
+        raise RecipeError(
+            "parallelism.offload_param",
+            f"parameter offload needs ZeRO-3 (zero_stage is {par.zero_stage}): set "
+            "parallelism.zero_stage=3 or parallelism.offload_param=none",
+        )
+    if par.offload_optimizer != "none" and par.zero_stage == 0:
+        raise RecipeError(
+            "parallelism.offload_optimizer",
+            "optimizer offload needs ZeRO 1, 2 or 3: set parallelism.zero_stage or "
+            "parallelism.offload_optimizer=none",
+        )
+    if "nvme" in (par.offload_optimizer, par.offload_param) and not par.nvme_path:
+        raise RecipeError(
+            "parallelism.nvme_path", "nvme offload needs a local NVMe directory, e.g. /local_nvme"
+        )
+    workers = r.resources.num_workers
+    if workers % par.pipeline_stages:
+        raise RecipeError(
+            "parallelism.pipeline_stages",
+            f"{workers} workers cannot be split into {par.pipeline_stages} pipeline stages: "
+            "use a divisor of the worker count",
+        )
+    if r.resources.nodes > 1 and not r.resources.gpus_per_node and r.resources.cpu_workers < r.resources.nodes:
+        raise RecipeError(
+            "resources.cpu_workers",
+            f"{r.resources.nodes} nodes need at least one CPU worker each: set "
+            f"resources.cpu_workers >= {r.resources.nodes}",
+        )
+    task, fmt = r.train.task, r.data.format
+    if task == "pretrain" and fmt != "text":
+        raise RecipeError(
+            "data.format",
+            f"train.task=pretrain reads raw text: set data.format=text (got {fmt}), or train.task=sft",
+        )
+    if task == "sft" and fmt == "text":
+        raise RecipeError(
+            "train.task",
+            "data.format=text has no prompt/response pairs: set train.task=pretrain, or use an "
+            "instruction format (alpaca, sharegpt, chat)",
+        )
+    if not r.tokenizer.name_or_path and not r.tokenizer.builtin and not r.model.name_or_path:
+        raise RecipeError(
+            "tokenizer",
+            "a model built from model.config has no tokenizer of its own: set "
+            "tokenizer.name_or_path or tokenizer.builtin=bytes",
+        )
+    model_type = (r.model.config or {}).get("model_type")
+    if model_type and not r.model.name_or_path:
+        from launcher.recipe.convert import did_you_mean
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+        if model_type not in CONFIG_MAPPING_NAMES:
+            raise RecipeError(
+                "model.config.model_type",
+                f"unknown architecture '{model_type}'; "
+                + did_you_mean(model_type, list(CONFIG_MAPPING_NAMES), "known ones include llama, mistral, qwen2, gpt2"),
+            )
+    vocab = (r.model.config or {}).get("vocab_size")
+    if r.tokenizer.builtin == "bytes" and isinstance(vocab, int):
+        from launcher.data.tokenizer import BYTES_VOCAB_SIZE
+
+        if vocab < BYTES_VOCAB_SIZE:
+            raise RecipeError(
+                "model.config.vocab_size",
+                f"the bytes tokenizer has {BYTES_VOCAB_SIZE} tokens: set vocab_size >= {BYTES_VOCAB_SIZE}",
+            )

@@ -1,0 +1,409 @@
+"""The recipe schema: one keyword-only dataclass per recipe section.
+
+The docstring under each field is the user-facing documentation: `launcher recipes docs`
+and docs/recipe-reference.md are generated from it. Checks that involve one section live in
+its `__post_init__`; checks that span sections live in `launcher.recipe.checks`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from launcher.errors import RecipeError
+
+Dtype = Literal["bf16", "fp16", "fp32"]
+Offload = Literal["none", "cpu", "nvme"]
+
+
+def _require(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise RecipeError(key, message)
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    """What network to train: pretrained weights, or an architecture built with random weights."""
+
+    name_or_path: str | None = None
+    """Hugging Face hub id (e.g. `meta-llama/Llama-3.1-8B`) or local directory with weights. Leave
+    empty and set `config` to train from random initialisation."""
+
+    config: dict[str, Any] | None = None
+    """Inline architecture for random initialisation, as a transformers config dict including
+    `model_type` (e.g. `{model_type: llama, hidden_size: 128, ...}`). With `name_or_path` set, these
+    keys override the checkpoint's config instead."""
+
+    dtype: Dtype = "bf16"
+    """Training precision: `bf16`, `fp16` (with dynamic loss scaling) or `fp32`. CPU runs use fp32."""
+
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
+
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """Attention kernel. `sdpa` and `flash_attention_2` keep packed documents apart (see docs)."""
+
+    trust_remote_code: bool = False
+    """Allow model code shipped with a hub checkpoint to run. Only for sources you trust."""
+
+    def __post_init__(self) -> None:
+        _require(
+            bool(self.name_or_path) or bool(self.config),
+            "model",
+            "set model.name_or_path (hub id or local directory) or model.config (inline architecture "
+            "with model_type) for random initialisation",
+        )
+        if self.config is not None and not self.name_or_path:
+            _require(
+                "model_type" in self.config,
+                "model.config.model_type",
+                "an inline architecture needs model_type, e.g. model.config.model_type=llama",
+            )
+
+
+@dataclass(kw_only=True, slots=True)
+class TokenizerConfig:
+    """Which tokenizer turns text into token ids."""
+
+    name_or_path: str | None = None
+    """Hub id or local directory of a tokenizer. Empty: use `model.name_or_path`."""
+
+    builtin: Literal["bytes"] | None = None
+    """A tokenizer the project builds itself, for offline use: `bytes` is a byte-level tokenizer
+    (256 byte tokens plus special tokens) with a simple chat template."""
+
+    def __post_init__(self) -> None:
+        _require(
+            not (self.name_or_path and self.builtin),
+            "tokenizer",
+            "set either tokenizer.name_or_path or tokenizer.builtin, not both",
+        )
+
+
+@dataclass(kw_only=True, slots=True)
+class SyntheticDataConfig:
+    """Instruction data the project generates itself (offline demos and tests)."""
+
+    task: Literal["reverse", "add", "sort"] = "reverse"
+    """`reverse`: reverse a short word; `add`: add two small numbers; `sort`: sort letters."""
+
+    num_examples: int = 4000
+    """How many rows to generate."""
+
+    seed: int = 1234
+    """Seed of the generator; the same seed gives the same rows."""
+
+    def __post_init__(self) -> None:
+        _require(self.num_examples >= 1, "data.synthetic.num_examples", "must be at least 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    """Where the training data comes from and how it becomes token sequences."""
+
+    format: Literal["alpaca", "sharegpt", "chat", "text"] = "alpaca"
+    """Row format. `alpaca`: instruction/input/output; `sharegpt`: `conversations` of
+    `{from, value}`; `chat`: `messages` of `{role, content}` through the tokenizer's chat template;
+    `text`: a `text` field (jsonl/parquet) or plain lines of a `.txt` file, for pretraining."""
+
+    path: list[str] = field(default_factory=list)
+    """One or several local files (`.json`, `.jsonl`, `.txt`, `.parquet`). Relative paths are
+    resolved against the directory the command runs in."""
+
+    hub: str | None = None
+    """A Hugging Face hub dataset id, instead of `path` (needs network access)."""
+
+    hub_split: str = "train"
+    """Split of the hub dataset to read."""
+
+    synthetic: SyntheticDataConfig | None = None
+    """Generate the data instead of reading it (see the `data.synthetic` section)."""
+
+    max_seq_len: int = 2048
+    """Sequence length in tokens. Longer examples are truncated (SFT) or split (pretraining)."""
+
+    packing: bool = False
+    """Concatenate several examples into each sequence of `max_seq_len` tokens. Position ids restart
+    at every document, so `sdpa`, `eager` and `flash_attention_2` attention keep documents apart."""
+
+    mask_prompt: bool = True
+    """SFT: compute the loss on response tokens only (prompt labels are -100)."""
+
+    prompt_template: str = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
+    """Alpaca prompt. `{instruction}` and `{input_block}` (the input followed by a blank line, or
+    nothing when the input is empty) are filled in; the output follows it."""
+
+    eval_fraction: float = 0.0
+    """Fraction of rows held out for evaluation (0 disables unless `eval_path` is set)."""
+
+    eval_path: list[str] = field(default_factory=list)
+    """Separate evaluation files, in the same format (instead of `eval_fraction`)."""
+
+    skip_malformed: bool = False
+    """Skip rows that do not fit the format (and count them) instead of stopping with an error."""
+
+    shuffle: bool = True
+    """Shuffle the training examples each epoch (seeded by `train.seed`)."""
+
+    def __post_init__(self) -> None:
+        sources = sum([bool(self.path), bool(self.hub), self.synthetic is not None])
+        _require(sources == 1, "data", "set exactly one of data.path, data.hub, data.synthetic")
+        _require(self.max_seq_len >= 8, "data.max_seq_len", "must be at least 8")
+        _require(
+            0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1), e.g. 0.05"
+        )
+        _require(
+            not (self.eval_fraction and self.eval_path),
+            "data.eval_fraction",
+            "set data.eval_fraction or data.eval_path, not both",
+        )
+        _require(
+            self.synthetic is None or self.format == "alpaca",
+            "data.format",
+            "synthetic data is generated as alpaca rows: set data.format=alpaca",
+        )
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    """The optimisation: how long, how big the batches, which learning-rate schedule."""
+
+    task: Literal["sft", "pretrain"] = "sft"
+    """`sft`: supervised fine-tuning on prompt/response data (prompt tokens masked); `pretrain`:
+    next-token prediction on every token of raw text."""
+
+    max_steps: int | None = None
+    """Optimizer steps to run. Set this or `epochs`."""
+
+    epochs: float | None = None
+    """Passes over the training data (may be fractional). Set this or `max_steps`."""
+
+    micro_batch_size: int = 1
+    """Sequences per worker per forward pass."""
+
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step. Global batch = micro_batch_size x grad_accum
+    x data-parallel workers."""
+
+    lr: float = 2e-5
+    """Peak learning rate (AdamW)."""
+
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of `lr` for the cosine and linear schedules."""
+
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate schedule after warmup."""
+
+    warmup_steps: int = 0
+    """Steps of linear warmup from 0 to `lr`."""
+
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas."""
+
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value (0 disables clipping)."""
+
+    seed: int = 42
+    """Seed for initialisation, shuffling and dropout."""
+
+    eval_every: int = 0
+    """Evaluate every N optimizer steps and at the end (0: only at the end, if there is eval data)."""
+
+    eval_batches: int = 8
+    """Micro-batches per evaluation."""
+
+    def __post_init__(self) -> None:
+        _require(
+            (self.max_steps is None) != (self.epochs is None),
+            "train.max_steps",
+            "set exactly one of train.max_steps and train.epochs",
+        )
+        if self.max_steps is not None:
+            _require(self.max_steps >= 1, "train.max_steps", "must be at least 1")
+        if self.epochs is not None:
+            _require(self.epochs > 0, "train.epochs", "must be positive")
+        _require(self.micro_batch_size >= 1, "train.micro_batch_size", "must be at least 1")
+        _require(self.grad_accum >= 1, "train.grad_accum", "must be at least 1")
+        _require(self.lr > 0, "train.lr", "must be positive, e.g. 2e-5")
+        _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
+        _require(self.warmup_steps >= 0, "train.warmup_steps", "must be 0 or more")
+        _require(self.weight_decay >= 0, "train.weight_decay", "must be 0 or more")
+        _require(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "train.betas",
+            "must be two numbers in [0, 1), e.g. [0.9, 0.95]",
+        )
+        _require(self.max_grad_norm >= 0, "train.max_grad_norm", "must be 0 or more")
+        _require(self.eval_every >= 0, "train.eval_every", "must be 0 or more")
+        _require(self.eval_batches >= 1, "train.eval_batches", "must be at least 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class ParallelismConfig:
+    """How the model is split across workers."""
+
+    zero_stage: int = 3
+    """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer states partitioned), 2 (+
+    gradients), 3 (+ parameters; the full model never sits on one worker)."""
+
+    offload_optimizer: Offload = "none"
+    """Keep optimizer states (and the update) on `cpu` or `nvme` instead of the GPU (ZeRO 1-3)."""
+
+    offload_param: Offload = "none"
+    """Keep parameters on `cpu` or `nvme` between uses (ZeRO-3 only)."""
+
+    nvme_path: str | None = None
+    """Local NVMe directory for `nvme` offload."""
+
+    pipeline_stages: int = 1
+    """Pipeline-parallel stages (DeepSpeed pipeline engine; ZeRO 0 or 1 only)."""
+
+    def __post_init__(self) -> None:
+        _require(self.zero_stage in (0, 1, 2, 3), "parallelism.zero_stage", "must be 0, 1, 2 or 3")
+        _require(self.pipeline_stages >= 1, "parallelism.pipeline_stages", "must be at least 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class ResourcesConfig:
+    """The hardware the job asks for."""
+
+    nodes: int = 1
+    """Number of machines."""
+
+    gpus_per_node: int = 0
+    """GPUs per machine (one training worker each). 0 trains on CPU workers."""
+
+    gpu: str | None = None
+    """GPU type, e.g. `H100-80GB`, `A100-80GB` (used by backends and the estimator)."""
+
+    cpu_workers: int = 1
+    """Training workers in total when there is no GPU (`gpus_per_node: 0`), spread over `nodes`."""
+
+    cpus_per_worker: int = 1
+    """CPU cores reserved for each training worker."""
+
+    def __post_init__(self) -> None:
+        _require(self.nodes >= 1, "resources.nodes", "must be at least 1")
+        _require(self.gpus_per_node >= 0, "resources.gpus_per_node", "must be 0 or more")
+        _require(self.cpu_workers >= 1, "resources.cpu_workers", "must be at least 1")
+        _require(self.cpus_per_worker >= 1, "resources.cpus_per_worker", "must be at least 1")
+
+    @property
+    def num_workers(self) -> int:
+        """Training workers (data-parallel x pipeline ranks) in the whole job."""
+        return self.nodes * self.gpus_per_node if self.gpus_per_node else self.cpu_workers
+
+
+@dataclass(kw_only=True, slots=True)
+class CheckpointConfig:
+    """When and where training state is saved."""
+
+    every_steps: int = 0
+    """Save a checkpoint every N optimizer steps (0: only at the end when `at_end` is set)."""
+
+    at_end: bool = False
+    """Save a checkpoint when training ends."""
+
+    keep_last: int = 2
+    """Keep this many most recent checkpoints; older ones are deleted."""
+
+    def __post_init__(self) -> None:
+        _require(self.every_steps >= 0, "checkpoint.every_steps", "must be 0 or more")
+        _require(self.keep_last >= 1, "checkpoint.keep_last", "must be at least 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class LoggingConfig:
+    """Where metrics go besides `metrics.jsonl` in the run directory."""
+
+    tensorboard: bool = True
+    """Write TensorBoard event files to `<run-dir>/tensorboard`."""
+
+    wandb_project: str | None = None
+    """Log to this Weights & Biases project (needs `wandb` installed and WANDB_API_KEY set)."""
+
+    wandb_entity: str | None = None
+    """W&B entity (team or user); empty uses your default."""
+
+
+@dataclass(kw_only=True, slots=True)
+class SampleConfig:
+    """Generations printed when training ends, to see what the model learned."""
+
+    prompts: list[str] = field(default_factory=list)
+    """Prompts (raw text, or for SFT the user message) to complete."""
+
+    from_eval: int = 0
+    """Also complete the prompts of this many evaluation examples, shown next to the expected answer."""
+
+    max_new_tokens: int = 32
+    """Tokens to generate per prompt (greedy decoding)."""
+
+    def __post_init__(self) -> None:
+        _require(self.from_eval >= 0, "sample.from_eval", "must be 0 or more")
+        _require(self.max_new_tokens >= 1, "sample.max_new_tokens", "must be at least 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class Recipe:
+    """A whole training job."""
+
+    name: str
+    """The run's name, used in run ids and cluster job names (letters, digits, `-`, `_`, `.`)."""
+
+    model: ModelConfig
+    """The network (see `model`)."""
+
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    """The tokenizer (see `tokenizer`)."""
+
+    data: DataConfig
+    """The data (see `data`)."""
+
+    train: TrainConfig
+    """The optimisation (see `train`)."""
+
+    parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
+    """How the model is split (see `parallelism`)."""
+
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    """The hardware (see `resources`)."""
+
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing (see `checkpoint`)."""
+
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metric sinks (see `logging`)."""
+
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    """Generations at the end (see `sample`)."""
+
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+    """Raw DeepSpeed config entries merged last, over the generated config (expert use)."""
+
+    def __post_init__(self) -> None:
+        import re
+
+        _require(
+            bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", self.name)),
+            "name",
+            "use 1-63 letters, digits, '-', '_' or '.', starting with a letter or digit",
+        )
+
+
+SECTIONS: tuple[type, ...] = (
+    Recipe,
+    ModelConfig,
+    TokenizerConfig,
+    DataConfig,
+    SyntheticDataConfig,
+    TrainConfig,
+    ParallelismConfig,
+    ResourcesConfig,
+    CheckpointConfig,
+    LoggingConfig,
+    SampleConfig,
+)

@@ -1,0 +1,162 @@
+"""The driver: start or join Ray and run one Ray Train `TorchTrainer` worker per GPU (or CPU worker).
+
+Data and tokenizer are built once here, before any worker starts, so that a bad file or row is
+reported as a user error with nothing launched; the workers receive them through Ray's object store.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from launcher.errors import UserError
+from launcher.recipe.load import from_dict, to_dict
+from launcher.recipe.sections import Recipe
+
+# Workers write their stdout/stderr here instead of the driver's terminal.
+LOG_DIR = "logs"
+
+
+@dataclass
+class RayPlan:
+    num_workers: int
+    use_gpu: bool
+    resources_per_worker: dict[str, float]
+    placement_strategy: str
+
+
+def ray_plan(recipe: Recipe) -> RayPlan:
+    """How the recipe's resources map onto Ray Train's ScalingConfig (a pure function)."""
+    r = recipe.resources
+    if r.gpus_per_node:
+        return RayPlan(r.nodes * r.gpus_per_node, True, {"GPU": 1, "CPU": r.cpus_per_worker}, "PACK")
+    # Without GPUs nothing ties workers to nodes, so spread them when several nodes are asked for.
+    strategy = "SPREAD" if r.nodes > 1 else "PACK"
+    return RayPlan(r.cpu_workers, False, {"CPU": r.cpus_per_worker}, strategy)
+
+
+def _worker_entry(config: dict[str, Any]) -> None:
+    """Runs in each Ray Train worker process."""
+    import ray
+    import ray.train
+
+    from launcher.runtime.train_loop import train
+
+    run_dir = Path(config["run_dir"])
+    rank = ray.train.get_context().get_world_rank()
+    node_id = ray.get_runtime_context().get_node_id()
+    log_dir = run_dir / LOG_DIR
+    log_dir.mkdir(parents=True, exist_ok=True)
+    _redirect_output(log_dir / f"rank-{rank}.log")
+    (log_dir / f"rank-{rank}.node").write_text(node_id + "\n")
+    recipe = from_dict(config["recipe"])
+    data = ray.get(config["data_ref"]) if config.get("data_ref") is not None else None
+    tokenizer = ray.get(config["tokenizer_ref"]) if config.get("tokenizer_ref") is not None else None
+    train(recipe, run_dir, tokenizer=tokenizer, data=data)
+
+
+def _redirect_output(path: Path) -> None:
+    """Send this process's stdout/stderr (Python and C++ alike) to `path`."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def _init_ray(address: str | None, plan: RayPlan) -> bool:
+    """Join `address` (or RAY_ADDRESS), else start a private local Ray. Returns True if started here."""
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    common = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    if address:
+        ray.init(address=address, **common)
+        return False
+    cpus = max(os.cpu_count() or 1, plan.num_workers * int(plan.resources_per_worker.get("CPU", 1)))
+    ray.init(
+        num_cpus=cpus,
+        _node_ip_address="127.0.0.1",  # a private local cluster listens on loopback only
+        object_store_memory=256 * 1024**2,
+        **common,
+    )
+    return True
+
+
+def _unwrap_user_error(exc: BaseException) -> UserError | None:
+    """Find a UserError raised inside a worker among the causes Ray Train wraps it in."""
+    seen: set[int] = set()
+    stack: list[Any] = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, UserError):
+            return e
+        stack.extend([getattr(e, "__cause__", None), getattr(e, "__context__", None), getattr(e, "cause", None)])
+        failures = getattr(e, "worker_failures", None)
+        if isinstance(failures, dict):
+            stack.extend(failures.values())
+    return None
+
+
+def run_on_ray(
+    recipe: Recipe,
+    run_dir: Path,
+    *,
+    tokenizer: Any,
+    data: Any,
+    ray_address: str | None = None,
+) -> None:
+    """Run the recipe's workers on Ray; returns when training has finished on every worker."""
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    plan = ray_plan(recipe)
+    started = _init_ray(ray_address, plan)
+    try:
+        config = {
+            "recipe": to_dict(recipe),
+            "run_dir": str(run_dir.resolve()),
+            "data_ref": ray.put(data),
+            "tokenizer_ref": ray.put(tokenizer),
+        }
+        trainer = TorchTrainer(
+            _worker_entry,
+            train_loop_config=config,
+            scaling_config=ScalingConfig(
+                num_workers=plan.num_workers,
+                use_gpu=plan.use_gpu,
+                resources_per_worker=plan.resources_per_worker,
+                placement_strategy=plan.placement_strategy,
+            ),
+            run_config=RunConfig(
+                name=recipe.name,
+                storage_path=str((run_dir / "ray").resolve()),
+                failure_config=FailureConfig(max_failures=0),
+            ),
+        )
+        try:
+            trainer.fit()
+        except Exception as e:  # Ray wraps worker exceptions; surface the user's own mistakes
+            user = _unwrap_user_error(e)
+            if user is not None:
+                raise user from None
+            raise WorkerFailed(run_dir, e) from e
+    finally:
+        if started:
+            ray.shutdown()
+
+
+class WorkerFailed(RuntimeError):
+    """A training worker crashed; the message points at its log."""
+
+    def __init__(self, run_dir: Path, cause: BaseException):
+        self.run_dir = run_dir
+        super().__init__(f"training failed: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}")

@@ -1,0 +1,77 @@
+"""Build the Hugging Face model for a recipe: random init from a config, or pretrained weights."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from launcher.errors import RecipeError
+from launcher.recipe.sections import ModelConfig
+
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def model_config(cfg: ModelConfig, tokenizer: Any) -> Any:
+    """The transformers config: the checkpoint's or the inline one, with recipe overrides."""
+    from transformers import AutoConfig
+
+    overrides = dict(cfg.config or {})
+    if cfg.name_or_path:
+        if os.sep in cfg.name_or_path and not os.path.exists(cfg.name_or_path):
+            raise RecipeError("model.name_or_path", f"local directory {cfg.name_or_path} does not exist")
+        overrides.pop("model_type", None)
+        config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+        for k, v in overrides.items():
+            setattr(config, k, v)
+    else:
+        model_type = overrides.pop("model_type")
+        overrides.setdefault("vocab_size", len(tokenizer))
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            if getattr(tokenizer, name, None) is not None:
+                overrides.setdefault(name, getattr(tokenizer, name))
+        try:
+            config = AutoConfig.for_model(model_type, **overrides)
+        except ValueError as e:
+            raise RecipeError("model.config.model_type", str(e).splitlines()[0]) from None
+    if getattr(config, "vocab_size", None) is not None and config.vocab_size < len(tokenizer):
+        raise RecipeError(
+            "model.config.vocab_size",
+            f"the tokenizer has {len(tokenizer)} tokens but the model only {config.vocab_size}",
+        )
+    return config
+
+
+def build_model(cfg: ModelConfig, tokenizer: Any, *, seed: int) -> torch.nn.Module:
+    """Instantiate the model. Under ZeRO-3 the caller keeps an `HfDeepSpeedConfig` alive, so
+    transformers builds it inside `deepspeed.zero.Init` and no rank holds the full model."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)  # identical init on every rank; ZeRO also broadcasts from rank 0
+    config = model_config(cfg, tokenizer)
+    kwargs = {"dtype": TORCH_DTYPES[cfg.dtype], "attn_implementation": cfg.attn_implementation}
+    if cfg.name_or_path:
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.name_or_path, config=config, trust_remote_code=cfg.trust_remote_code, **kwargs
+        )
+    else:
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases, norms and embeddings' 1-D parameters."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        ndim = len(getattr(p, "ds_shape", p.shape))  # ZeRO-3 leaves an empty placeholder
+        (no_decay if ndim < 2 or "norm" in name.lower() or name.endswith(".bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups

@@ -1,0 +1,308 @@
+"""The training loop each worker runs.
+
+It reads only the distributed environment (RANK, WORLD_SIZE, MASTER_ADDR, ... as torchrun or
+Ray Train set them) and never knows which backend started it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from launcher.recipe.load import to_dict
+from launcher.recipe.sections import Recipe
+from launcher.runtime.ds_config import build_ds_config
+from launcher.runtime.metrics import MetricsWriter
+from launcher.runtime.model import build_model, param_groups
+from launcher.runtime.schedule import lr_multiplier
+
+SAMPLES_FILE = "samples.jsonl"
+SUMMARY_FILE = "summary.json"
+
+
+@dataclass
+class WorkerContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    on_gpu: bool
+
+
+def init_distributed() -> WorkerContext:
+    """Join the process group described by the environment (gloo on CPU, NCCL on GPU)."""
+    import deepspeed
+
+    on_gpu = torch.cuda.is_available()
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if on_gpu:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return WorkerContext(dist.get_rank(), dist.get_world_size(), local_rank, device, on_gpu)
+
+
+def total_steps(recipe: Recipe, train_examples: int, data_parallel: int) -> int:
+    t = recipe.train
+    if t.max_steps is not None:
+        return t.max_steps
+    per_step = t.micro_batch_size * t.grad_accum * data_parallel
+    steps_per_epoch = train_examples // per_step
+    if steps_per_epoch == 0:
+        from launcher.errors import RecipeError
+
+        raise RecipeError(
+            "train.micro_batch_size",
+            f"{train_examples} training examples are fewer than one global batch ({per_step}): "
+            "lower train.micro_batch_size or train.grad_accum",
+        )
+    return max(1, math.floor(t.epochs * steps_per_epoch))
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class BatchStream:
+    """Micro-batches for this rank from the resumable sampler, across epoch boundaries."""
+
+    def __init__(self, examples: list[dict], sampler: Any, micro_batch_size: int, pad_id: int):
+        from launcher.data import collate
+
+        self._collate = collate
+        self.examples = examples
+        self.sampler = sampler
+        self.micro = micro_batch_size
+        self.pad_id = pad_id
+        self._it: Iterator[int] = iter(sampler)
+
+    def next(self) -> dict[str, torch.Tensor]:
+        idx: list[int] = []
+        while len(idx) < self.micro:
+            try:
+                idx.append(next(self._it))
+            except StopIteration:
+                self.sampler.set_epoch(self.sampler.state_dict()["epoch"] + 1)
+                self._it = iter(self.sampler)
+        return self._collate([self.examples[i] for i in idx], pad_id=self.pad_id)
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _all_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def evaluate(engine: Any, examples: list[dict], ctx: WorkerContext, recipe: Recipe, pad_id: int) -> float:
+    """Mean loss over the first `train.eval_batches` micro-batches of the eval set, all ranks."""
+    from launcher.data import collate
+
+    micro = recipe.train.micro_batch_size
+    mine = examples[ctx.rank :: ctx.world_size][: micro * recipe.train.eval_batches]
+    loss_sum, n = 0.0, 0
+    engine.eval()
+    with torch.no_grad():
+        for i in range(0, max(len(mine), 1), micro):
+            chunk = mine[i : i + micro] or examples[:1]  # every rank runs the same number of forwards
+            out = engine(**_to(collate(chunk, pad_id=pad_id), ctx.device))
+            if mine:
+                loss_sum += out.loss.item()
+                n += 1
+    engine.train()
+    # ZeRO-3 forwards are collective: ranks with fewer batches still looped above.
+    total_loss, total_n = _all_sum([loss_sum, n], ctx.device)
+    return total_loss / max(total_n, 1)
+
+
+def generate_samples(
+    engine: Any, tokenizer: Any, prompts: list[dict], ctx: WorkerContext, recipe: Recipe
+) -> list[dict]:
+    """Greedy completions; every rank runs them because ZeRO-3 forwards are collective."""
+    model = engine.module
+    model.eval()
+    results = []
+    synced = recipe.parallelism.zero_stage == 3 and ctx.world_size > 1
+    with torch.no_grad():
+        for p in prompts:
+            ids = tokenizer(p["prompt"], return_tensors="pt", add_special_tokens=False).input_ids
+            if tokenizer.bos_token_id is not None and (ids.numel() == 0 or ids[0, 0] != tokenizer.bos_token_id):
+                ids = torch.cat([torch.tensor([[tokenizer.bos_token_id]]), ids], dim=1)
+            out = model.generate(
+                ids.to(ctx.device),
+                attention_mask=torch.ones_like(ids).to(ctx.device),
+                max_new_tokens=recipe.sample.max_new_tokens,
+                do_sample=False,
+                synced_gpus=synced,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+            results.append({**p, "generated": text})
+    model.train()
+    return results
+
+
+def train(
+    recipe: Recipe,
+    run_dir: Path,
+    *,
+    tokenizer: Any = None,
+    data: Any = None,
+) -> dict[str, Any]:
+    """Train `recipe` on this worker; rank 0 writes metrics and samples to `run_dir`.
+
+    `tokenizer` and `data` may be built once by the driver and shared; otherwise each worker
+    builds them (as under torchrun).
+    """
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from launcher.data import ResumableSampler, build_datasets, build_tokenizer, render_prompt
+
+    ctx = init_distributed()
+    t = recipe.train
+    _seed_everything(t.seed)
+    if tokenizer is None:
+        tokenizer = build_tokenizer(recipe.tokenizer, recipe.model.name_or_path)
+    if data is None:
+        data = build_datasets(recipe, tokenizer)
+    pad_id = tokenizer.pad_token_id
+
+    data_parallel = ctx.world_size // recipe.parallelism.pipeline_stages
+    steps = total_steps(recipe, len(data.train), data_parallel)
+    ds_config = build_ds_config(recipe, data_parallel=data_parallel, on_gpu=ctx.on_gpu)
+    hf_ds = HfDeepSpeedConfig(ds_config) if recipe.parallelism.zero_stage == 3 else None  # noqa: F841
+    model = build_model(recipe.model, tokenizer, seed=t.seed)
+    multiplier = lr_multiplier(
+        t.schedule, warmup_steps=t.warmup_steps, total_steps=steps, min_ratio=t.min_lr_ratio
+    )
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, t.weight_decay),
+        config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, multiplier),
+    )
+    sampler = ResumableSampler(
+        len(data.train),
+        num_replicas=data_parallel,
+        rank=ctx.rank,
+        seed=t.seed,
+        shuffle=recipe.data.shuffle,
+    )
+    stream = BatchStream(data.train, sampler, t.micro_batch_size, pad_id)
+
+    writer = None
+    if ctx.rank == 0:
+        writer = MetricsWriter(run_dir, recipe.logging, run_name=recipe.name, recipe=to_dict(recipe))
+        writer.log({"event": "start", "total_steps": steps, "world_size": ctx.world_size,
+                    "train_examples": len(data.train), "eval_examples": len(data.eval)})
+
+    engine.train()
+    start = time.time()
+    tokens_seen = 0
+    last_eval = None
+    for step in range(1, steps + 1):
+        step_start = time.time()
+        loss_sum, step_tokens, label_tokens = 0.0, 0, 0
+        for _ in range(t.grad_accum):
+            batch = _to(stream.next(), ctx.device)
+            out = engine(**batch)
+            engine.backward(out.loss)
+            engine.step()
+            loss_sum += out.loss.item()
+            mask = batch.get("attention_mask")
+            step_tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+            label_tokens += int((batch["labels"] != -100).sum())
+        g_loss, g_tokens, g_labels = _all_sum([loss_sum / t.grad_accum, step_tokens, label_tokens], ctx.device)
+        tokens_seen += int(g_tokens)
+        now = time.time()
+        record = {
+            "step": step,
+            "loss": g_loss / ctx.world_size,
+            "lr": scheduler.get_last_lr()[0],
+            "grad_norm": _grad_norm(engine),
+            "tokens": tokens_seen,
+            "step_tokens": int(g_tokens),
+            "label_tokens": int(g_labels),
+            "tokens_per_s": g_tokens / max(now - step_start, 1e-9),
+            "step_time_s": now - step_start,
+            "elapsed_s": now - start,
+        }
+        if writer:
+            writer.log(record)
+        if data.eval and t.eval_every and step % t.eval_every == 0 and step != steps:
+            last_eval = _log_eval(engine, data.eval, ctx, recipe, pad_id, writer, step)
+        if recipe.checkpoint.every_steps and step % recipe.checkpoint.every_steps == 0 and step != steps:
+            _save(engine, run_dir, step, recipe, ctx)
+
+    if data.eval:
+        last_eval = _log_eval(engine, data.eval, ctx, recipe, pad_id, writer, steps)
+    if recipe.checkpoint.at_end or recipe.checkpoint.every_steps:
+        _save(engine, run_dir, steps, recipe, ctx)
+
+    prompts = [{"prompt": render_prompt(recipe, tokenizer, p)} for p in recipe.sample.prompts]
+    prompts += data.eval_prompts[: recipe.sample.from_eval]
+    samples = generate_samples(engine, tokenizer, prompts, ctx, recipe) if prompts else []
+    summary = {
+        "steps": steps,
+        "tokens": tokens_seen,
+        "elapsed_s": time.time() - start,
+        "final_loss": record["loss"],
+        "eval_loss": last_eval,
+        "world_size": ctx.world_size,
+    }
+    if writer:
+        writer.log({"event": "end", **summary})
+        writer.close()
+        with open(run_dir / SAMPLES_FILE, "w") as f:
+            for s in samples:
+                f.write(json.dumps(s) + "\n")
+        (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    dist.barrier()
+    return summary
+
+
+def _grad_norm(engine: Any) -> float | None:
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return None
+    return float(norm.item() if torch.is_tensor(norm) else norm)
+
+
+def _log_eval(engine, examples, ctx, recipe, pad_id, writer, step) -> float:
+    loss = evaluate(engine, examples, ctx, recipe, pad_id)
+    if writer:
+        writer.log({"step": step, "eval": True, "eval_loss": loss})
+    return loss
+
+
+def _save(engine: Any, run_dir: Path, step: int, recipe: Recipe, ctx: WorkerContext) -> None:
+    """A plain DeepSpeed save with pruning to `keep_last` (the commit protocol comes later)."""
+    ckpt_dir = run_dir / "checkpoints"
+    engine.save_checkpoint(str(ckpt_dir), tag=f"step-{step:08d}")
+    dist.barrier()
+    if ctx.rank == 0:
+        import shutil
+
+        tags = sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir())
+        for old in tags[: -recipe.checkpoint.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
