@@ -63,11 +63,13 @@ def _load_tree(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
 
 
 def _apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    items = []
     for item in overrides:
-        if "=" not in item or item.startswith("="):
+        if "=" not in item or item.lstrip("+").startswith("="):
             raise UserError(f"override '{item}' is not key=value, e.g. train.max_steps=100")
+        items.append(item.removeprefix("+"))  # Hydra's "+key=value" spelling; new keys are allowed anyway
     try:
-        return OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.merge(cfg, OmegaConf.from_dotlist(items))
     except OmegaConfBaseException as e:
         raise UserError(f"cannot apply overrides: {str(e).splitlines()[0]}") from None
 

@@ -30,8 +30,8 @@ def default_run_dir(recipe: Recipe, root: Path = Path("runs")) -> Path:
     return root / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def prepare_run_dir(run_dir: Path, recipe: Recipe) -> None:
-    """Create the run directory and record the fully resolved recipe; never clobber a run."""
+def check_run_dir(run_dir: Path) -> None:
+    """Refuse a run directory that already holds a run: nothing of it may be lost."""
     if (run_dir / METRICS_FILE).exists():
         raise UserError(
             f"{run_dir} already holds a run ({METRICS_FILE} exists): choose another --run-dir "
@@ -39,6 +39,11 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe) -> None:
         )
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--run-dir {run_dir} exists and is not a directory")
+
+
+def prepare_run_dir(run_dir: Path, recipe: Recipe) -> None:
+    """Create the run directory and record the fully resolved recipe."""
+    check_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / RECIPE_FILE).write_text(to_yaml(recipe))
 
@@ -80,6 +85,7 @@ def run_job(
 
     from launcher.runtime.driver import run_on_ray
 
+    check_run_dir(run_dir)
     tokenizer, data = preflight(recipe)
     prepare_run_dir(run_dir, recipe)
     (run_dir / "data_stats.json").write_text(json.dumps(data.stats, indent=2) + "\n")

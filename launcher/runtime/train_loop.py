@@ -44,8 +44,9 @@ def init_distributed() -> WorkerContext:
     import deepspeed
 
     on_gpu = torch.cuda.is_available()
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    # Always: DeepSpeed's comm layer wraps an existing process group (Ray Train makes one) but
+    # reports world size 1 unless initialised itself.
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if on_gpu:
         torch.cuda.set_device(local_rank)
@@ -210,11 +211,16 @@ def train(
     )
     stream = BatchStream(data.train, sampler, t.micro_batch_size, pad_id)
 
+    params = list(engine.module.parameters())
+    # Under ZeRO-3 each parameter is a placeholder; ds_numel is its full size, ds_tensor this rank's part.
+    params_total = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+    params_rank0 = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
     writer = None
     if ctx.rank == 0:
         writer = MetricsWriter(run_dir, recipe.logging, run_name=recipe.name, recipe=to_dict(recipe))
         writer.log({"event": "start", "total_steps": steps, "world_size": ctx.world_size,
-                    "train_examples": len(data.train), "eval_examples": len(data.eval)})
+                    "train_examples": len(data.train), "eval_examples": len(data.eval),
+                    "params": params_total, "params_on_rank0": params_rank0, "time": time.time()})
 
     engine.train()
     start = time.time()
@@ -246,6 +252,7 @@ def train(
             "tokens_per_s": g_tokens / max(now - step_start, 1e-9),
             "step_time_s": now - step_start,
             "elapsed_s": now - start,
+            "time": now,
         }
         if writer:
             writer.log(record)

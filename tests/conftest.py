@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+RECIPES = ROOT / "recipes"
+
+# No test may reach a hub; fail fast instead of hanging on the closed network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def tiny_recipe_dict(**sections) -> dict:
+    """A small valid SFT recipe as plain data; keyword arguments replace whole sections."""
+    base = {
+        "name": "t",
+        "model": {
+            "config": {
+                "model_type": "llama",
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "max_position_embeddings": 128,
+            },
+            "dtype": "fp32",
+        },
+        "tokenizer": {"builtin": "bytes"},
+        "data": {"format": "alpaca", "synthetic": {"task": "reverse", "num_examples": 200}, "max_seq_len": 64},
+        "train": {"max_steps": 3, "micro_batch_size": 4, "lr": 1e-3},
+        "resources": {"cpu_workers": 1},
+        "logging": {"tensorboard": False},
+    }
+    base.update(sections)
+    return base
+
+
+@pytest.fixture
+def golden(request):
+    """Compare text with tests/golden/NAME; set UPDATE_GOLDEN=1 (or delete the file) to re-record."""
+
+    def check(name: str, text: str) -> None:
+        path = ROOT / "tests" / "golden" / name
+        if os.environ.get("UPDATE_GOLDEN") or not path.exists():
+            path.write_text(text)
+            pytest.skip(f"recorded golden file {path.name}; review and commit it")
+        assert text == path.read_text(), f"{name} differs from the golden file (UPDATE_GOLDEN=1 to re-record)"
+
+    return check
