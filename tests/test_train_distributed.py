@@ -78,13 +78,19 @@ def test_two_node_placement_on_a_simulated_cluster(tmp_path):
     cluster.wait_for_nodes()
     try:
         recipe = _recipe(resources={"nodes": 2, "cpu_workers": 2}, sample={"from_eval": 0})
+        # 9 eval examples over 2 ranks with micro-batch 4: ranks hold 5 and 4 examples, yet must
+        # run the same number of (collective) ZeRO-3 forwards
+        recipe.data.synthetic.num_examples = 180
+        recipe.train.eval_batches = 4
         run_dir = tmp_path / "run"
         run_job(recipe, run_dir, ray_address=cluster.address)
         node_ids = {(run_dir / "logs" / f"rank-{r}.node").read_text().strip() for r in (0, 1)}
         alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
         assert len(node_ids) == 2 and node_ids <= alive
-        steps = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r and not r.get("eval")]
-        assert len(steps) == 6
+        records = read_metrics(run_dir / "metrics.jsonl")
+        assert json.loads((run_dir / "data_stats.json").read_text())["eval_examples"] == 9
+        assert len([r for r in records if "loss" in r and not r.get("eval")]) == 6
+        assert [r["step"] for r in records if r.get("eval")] == [3, 6]
     finally:
         ray.shutdown()
         cluster.shutdown()

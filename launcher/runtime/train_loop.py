@@ -118,18 +118,21 @@ def evaluate(engine: Any, examples: list[dict], ctx: WorkerContext, recipe: Reci
     from launcher.data import collate
 
     micro = recipe.train.micro_batch_size
-    mine = examples[ctx.rank :: ctx.world_size][: micro * recipe.train.eval_batches]
+    cap = micro * recipe.train.eval_batches
+    mine = examples[ctx.rank :: ctx.world_size][:cap]
+    # ZeRO-3 forwards are collective, so every rank runs as many as the rank with the most data;
+    # a rank that has run out repeats one example and does not count it.
+    per_rank = min(-(-len(examples) // ctx.world_size), cap)
     loss_sum, n = 0.0, 0
     engine.eval()
     with torch.no_grad():
-        for i in range(0, max(len(mine), 1), micro):
-            chunk = mine[i : i + micro] or examples[:1]  # every rank runs the same number of forwards
-            out = engine(**_to(collate(chunk, pad_id=pad_id), ctx.device))
-            if mine:
+        for i in range(0, per_rank, micro):
+            chunk = mine[i : i + micro]
+            out = engine(**_to(collate(chunk or examples[:1], pad_id=pad_id), ctx.device))
+            if chunk:
                 loss_sum += out.loss.item()
                 n += 1
     engine.train()
-    # ZeRO-3 forwards are collective: ranks with fewer batches still looped above.
     total_loss, total_n = _all_sum([loss_sum, n], ctx.device)
     return total_loss / max(total_n, 1)
 
