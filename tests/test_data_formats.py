@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from launcher.data import build_datasets, build_tokenizer, render_prompt
+from launcher.data.sources import load_files
 from launcher.data.tokenizer import bytes_tokenizer
 from launcher.errors import DataError
 from launcher.recipe import TokenizerConfig, from_dict
@@ -285,6 +286,12 @@ def test_invalid_json_line_names_the_row(tmp_path, tok):
         build_datasets(recipe(path=[str(path)]), tok)
     splits = build_datasets(recipe(path=[str(path)], skip_malformed=True), tok)
     assert splits.stats["skipped_malformed"] == 1 and len(splits.train) == 1
+    # Rows after a skipped line keep their own numbers (for later messages).
+    path.write_text(path.read_text() + '\n{"instruction": "c", "output": "d"}\n', encoding="utf-8")
+    rows, skipped = load_files(
+        [str(path)], "data.path", recipe(path=[str(path)], skip_malformed=True).data
+    )
+    assert [r.number for r in rows] == [1, 3] and skipped == 1
 
 
 def test_missing_file_and_unknown_extension(tmp_path, tok):

@@ -50,10 +50,11 @@ def _quiet() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
-def _locate_bad_json(path: Path, skip: bool) -> tuple[list[Any], int]:
+def _locate_bad_json(path: Path, skip: bool) -> tuple[list[tuple[int, Any]], int]:
     """Re-read a file `datasets` could not parse with the json module, to name the bad row.
 
-    With `skip`, a `.jsonl` file's unparsable lines are dropped and counted instead.
+    Returns (row number, row) pairs. With `skip`, a `.jsonl` file's unparsable lines are dropped
+    and counted instead; the other rows keep their numbers.
     """
     text = path.read_text(encoding="utf-8", errors="replace")
     if path.suffix.lower() == ".json":
@@ -66,14 +67,14 @@ def _locate_bad_json(path: Path, skip: bool) -> tuple[list[Any], int]:
             ) from None
         if not isinstance(data, list):
             raise DataError(f"{path}: a .json data file must hold an array of rows, [{{...}}, ...]")
-        return data, 0
+        return list(enumerate(data, start=1)), 0
     rows, skipped, number = [], 0, 0
     for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         number += 1
         try:
-            rows.append(json.loads(line))
+            rows.append((number, json.loads(line)))
         except json.JSONDecodeError as e:
             if not skip:
                 raise DataError(
@@ -98,16 +99,16 @@ def _load_file(path: Path, key: str, data: DataConfig) -> tuple[list[Row], int]:
                 builder, data_files=str(path), split="train", keep_in_memory=True,
                 cache_dir=cache, **kwargs,
             )  # fmt: skip
-            records = ds.to_list()
+            records = list(enumerate(ds.to_list(), start=1))
     except Exception as e:  # datasets wraps parser errors in several exception types
         if builder != "json":
             raise DataError(f"{key}: cannot read {path}: {str(e).splitlines()[0]}") from None
         records, skipped = _locate_bad_json(path, data.skip_malformed)
     if builder == "text":
-        records = [r for r in records if r["text"].strip()]
+        records = [(n, r) for n, r in records if r["text"].strip()]
     if not records and not skipped:
         raise DataError(f"{key}: {path} holds no rows: check the file, or remove it from {key}")
-    return [Row(str(path), i, r) for i, r in enumerate(records, start=1)], skipped
+    return [Row(str(path), n, r) for n, r in records], skipped
 
 
 def _check_path(raw: str, key: str, data: DataConfig) -> Path:
