@@ -56,9 +56,9 @@ def _find_turns(tokenizer, full: str, messages: list[dict]) -> list[Span]:
             continue
         start = full.find(m["content"], cursor)
         if start < 0:
-            raise DataError(
-                "the chat template rewrites assistant turns, so the prompt cannot be masked: set "
-                "data.mask_prompt=false, or use a tokenizer with a plain chat template"
+            raise TemplateRowError(
+                "the chat template rewrites this row's assistant turns, so the prompt cannot be "
+                "masked: set data.mask_prompt=false, or use a tokenizer with a plain chat template"
             )
         end = start + len(m["content"])
         if eos and full.startswith(eos, end):

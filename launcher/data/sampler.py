@@ -24,7 +24,8 @@ class ResumableSampler:
     what all ranks have taken together when they move in lockstep. So `state_dict()` at a
     checkpoint records exactly what was used, and `load_state_dict` seeks there (no replay).
 
-    Use one live iterator at a time (`it = iter(sampler)`, `next(it)` per sample). When it is
+    Use one live iterator at a time (`it = iter(sampler)`, `next(it)` per sample), and do not put
+    it behind a prefetching DataLoader, whose read-ahead would count as consumed. When it is
     exhausted, call `set_epoch(epoch + 1)` and iterate again. `set_epoch` restarts the epoch at
     consumed=0: after `load_state_dict`, do not call it for the resumed epoch.
 
