@@ -1,7 +1,10 @@
 """Instruction data the project generates itself: tiny tasks a small byte-level model can learn.
 
 Instructions are short and the alphabet small (a-h, digits) so that a 4-layer, hidden-128 Llama
-learns them in a few hundred steps; the demo runs and tests need no downloaded data.
+learns them quickly; the demo runs and tests need no downloaded data. Measured with the bytes
+tokenizer, the default alpaca template, batch 32, AdamW lr 1e-3 (3e-3 did not converge), greedy
+exact match on held-out rows: `reverse` and `sort` reach 94-100% by step 300, `add` by ~800.
+With the default template an example is at most 69 tokens: use `data.max_seq_len` >= 80.
 """
 
 from __future__ import annotations

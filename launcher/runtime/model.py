@@ -59,7 +59,9 @@ def build_model(cfg: ModelConfig, tokenizer: Any, *, seed: int) -> torch.nn.Modu
         model = AutoModelForCausalLM.from_config(config, **kwargs)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+    # Training never needs a KV cache, and with one transformers skips packed-sequence detection:
+    # packed documents would attend to each other. Generation asks for the cache explicitly.
+    model.config.use_cache = False
     return model
 
 

@@ -147,15 +147,15 @@ def generate_samples(
     synced = recipe.parallelism.zero_stage == 3 and ctx.world_size > 1
     with torch.no_grad():
         for p in prompts:
-            ids = tokenizer(p["prompt"], return_tensors="pt", add_special_tokens=False).input_ids
-            if tokenizer.bos_token_id is not None and (ids.numel() == 0 or ids[0, 0] != tokenizer.bos_token_id):
-                ids = torch.cat([torch.tensor([[tokenizer.bos_token_id]]), ids], dim=1)
+            # the tokenizer's own special-token rule is the one training examples were built with
+            ids = tokenizer(p["prompt"], return_tensors="pt").input_ids
             out = model.generate(
                 ids.to(ctx.device),
                 attention_mask=torch.ones_like(ids).to(ctx.device),
                 max_new_tokens=recipe.sample.max_new_tokens,
                 do_sample=False,
                 synced_gpus=synced,
+                use_cache=True,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
             )

@@ -1,0 +1,28 @@
+"""The model as the runtime builds it keeps packed documents apart."""
+
+from __future__ import annotations
+
+import torch
+
+from conftest import tiny_recipe_dict
+from launcher.data import build_tokenizer
+from launcher.recipe import from_dict
+from launcher.runtime.model import build_model
+
+
+def test_training_model_keeps_packed_documents_apart():
+    d = tiny_recipe_dict()
+    d["model"]["attn_implementation"] = "sdpa"
+    r = from_dict(d)
+    tok = build_tokenizer(r.tokenizer, None)
+    model = build_model(r.model, tok, seed=0)
+    model.train()  # as in the training loop, with the forward called without use_cache
+    assert model.config.use_cache is False
+    a = tok("first document", return_tensors="pt").input_ids[0]
+    b = tok("second one", return_tensors="pt").input_ids[0]
+    packed = torch.cat([a, b])[None]
+    pos = torch.cat([torch.arange(len(a)), torch.arange(len(b))])[None]
+    with torch.no_grad():
+        together = model(input_ids=packed, position_ids=pos).logits[0, len(a):]
+        alone = model(input_ids=b[None]).logits[0]
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
