@@ -124,7 +124,8 @@ class DataConfig:
 
     packing: bool = False
     """Concatenate several examples into each sequence of `max_seq_len` tokens. Position ids restart
-    at every document, so `sdpa`, `eager` and `flash_attention_2` attention keep documents apart."""
+    at every document, so `sdpa` and `eager` attention keep documents apart (`flash_attention_2`
+    only with `train.micro_batch_size: 1`)."""
 
     mask_prompt: bool = True
     """SFT: compute the loss on response tokens only (prompt labels are -100)."""
