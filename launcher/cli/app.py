@@ -101,14 +101,15 @@ def run(
     )
     if result.samples:
         table = Table(title="generations", show_lines=False)
+        has_expected = any("expected" in x for x in result.samples)
         table.add_column("prompt", overflow="fold")
-        if any("expected" in x for x in result.samples):
+        if has_expected:
             table.add_column("expected")
         table.add_column("generated")
         for x in result.samples:
             prompt = x["prompt"].strip().splitlines()
             cells = [" / ".join(p for p in prompt if p.strip())[-60:]]
-            if "expected" in x or any("expected" in y for y in result.samples):
+            if has_expected:
                 cells.append(x.get("expected", ""))
             cells.append(x["generated"])
             table.add_row(*cells)
