@@ -28,3 +28,8 @@ class RecipeError(UserError):
 
 class DataError(UserError):
     """A data file or row that does not fit the recipe's data format."""
+
+EXIT_PREEMPTED = 75
+"""Exit code of `launcher run` when a signal (SIGTERM, SIGINT, SIGUSR1) stopped training after
+a checkpoint was committed (or there was no time to save one). Backends requeue on this code;
+it is sysexits' EX_TEMPFAIL: "temporary failure, try again"."""

@@ -200,3 +200,8 @@ def recipes_docs(
         console.print(f"wrote {out}", highlight=False)
     else:
         print(text)
+
+
+# Verb groups that live in their own modules register themselves on `app` when imported.
+# One line each, so that parallel work on different verbs does not touch the same lines.
+from launcher.cli import ckpt_cmds  # noqa: E402,F401  (ckpt list|verify|export, resume)
