@@ -1,0 +1,170 @@
+"""Export a DeepSpeed checkpoint step to a Hugging Face model directory (safetensors shards,
+index, config, generation config, tokenizer), one tensor in memory at a time."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from launcher.checkpoint.safetensors_stream import (
+    INDEX_FILE,
+    ShardWriter,
+    TensorSpec,
+    plan_shards,
+    shard_names,
+    write_index,
+)
+from launcher.checkpoint.zero_reader import REMAP_BYTES, iter_full_params, read_buffers, read_meta
+from launcher.errors import UserError
+
+EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+Progress = Callable[[int, int], None]
+"""progress(bytes_written, total_bytes), called after every tensor."""
+
+
+def _tied(config: Any) -> bool:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return bool(getattr(text, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False)))
+
+
+def _expected_state(config: Any) -> dict[str, tuple[int, ...]]:
+    """Names and shapes `from_pretrained` will look for: the model built on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _check_matches(meta: Any, config: Any, names: dict[str, tuple[int, ...]], step_dir: Path) -> None:
+    expected = _expected_state(config)
+    have = dict(names)
+    for alias, src in meta.shared_params.items():
+        have.setdefault(alias, meta.param_shapes.get(src, ()))
+    missing = [k for k in expected if k not in have]
+    wrong = [k for k in expected if k in have and tuple(have[k]) != expected[k]]
+    extra = [k for k in names if k not in expected]
+    if missing or wrong or extra:
+        if missing:
+            what = f"the model needs {missing[0]} but the checkpoint has no such tensor"
+        elif wrong:
+            k = wrong[0]
+            what = f"{k} is {list(have[k])} in the checkpoint but {list(expected[k])} in the model"
+        else:
+            what = f"the checkpoint has {extra[0]}, which the model does not"
+        raise UserError(
+            f"{step_dir}: does not match the run's recipe.yaml ({what}, and "
+            f"{len(missing) + len(wrong) + len(extra) - 1} more differences): export with the recipe "
+            "the checkpoint was trained with"
+        )
+
+
+def export_checkpoint(
+    step_dir: Path,
+    out: Path,
+    *,
+    recipe: Any,
+    dtype: str = "bf16",
+    max_shard_size: str | int = "5GB",
+    progress: Progress | None = None,
+    remap_bytes: int = REMAP_BYTES,
+) -> dict[str, Any]:
+    """Write the checkpoint at `step_dir` to `out` as a Hugging Face model directory.
+
+    Peak memory is about one full fp32 tensor plus its converted copy plus `remap_bytes` of
+    memory-mapped checkpoint pages, whatever the model's size. Returns a summary (files,
+    total_bytes, params, tensors, seconds, ...).
+    """
+    from transformers import GenerationConfig
+
+    from launcher.data import build_tokenizer
+    from launcher.runtime.model import model_config
+
+    start = time.perf_counter()
+    step_dir, out = Path(step_dir), Path(out)
+    if dtype not in EXPORT_DTYPES:
+        raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(EXPORT_DTYPES)}")
+    target = EXPORT_DTYPES[dtype]
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out}: already exists and is not empty: choose a new --out directory or delete it")
+
+    meta = read_meta(step_dir)
+    tokenizer = build_tokenizer(recipe.tokenizer, recipe.model.name_or_path)
+    config = model_config(recipe.model, tokenizer)
+    tied = _tied(config)
+
+    buffers = read_buffers(step_dir)
+    # tensors in model order; tied aliases are written only when the config does not tie them
+    entries: list[tuple[str, str | None]] = [(n, n) for n in meta.param_shapes]
+    shapes = dict(meta.param_shapes)
+    if not tied:
+        for alias, src in meta.shared_params.items():
+            entries.append((alias, src))
+            shapes[alias] = meta.param_shapes[src]
+    entries += [(n, None) for n in buffers]
+    shapes.update({n: tuple(b.shape) for n, b in buffers.items()})
+    _check_matches(meta, config, shapes, step_dir)
+
+    def out_dtype(name: str) -> torch.dtype:
+        if name in buffers and not buffers[name].is_floating_point():
+            return buffers[name].dtype
+        return target
+
+    specs = [TensorSpec(name, shapes[name], out_dtype(name)) for name, _ in entries]
+    plan = plan_shards(specs, max_shard_size)
+    files = shard_names(len(plan))
+    total = sum(s.nbytes for s in specs)
+
+    out.mkdir(parents=True, exist_ok=True)
+    sources = [src for _, src in entries if src is not None]
+    params = iter_full_params(step_dir, sources, remap_bytes=remap_bytes)
+
+    def tensors() -> Iterator[torch.Tensor]:
+        for name, src in entries:
+            if src is None:
+                yield buffers[name]
+            else:
+                _, t = next(params)
+                yield t
+
+    stream = tensors()
+    done = 0
+    for fname, shard in zip(files, plan):
+        with ShardWriter(out / fname, shard) as w:
+            for spec in shard:
+                t = next(stream)
+                w.write(spec.name, t.to(spec.dtype) if t.dtype != spec.dtype else t)
+                del t
+                done += spec.nbytes
+                if progress:
+                    progress(done, total)
+    n_params = sum(torch.Size(shapes[n]).numel() for n, src in entries if src is not None)
+    write_index(out, dict(zip(files, plan)), total_parameters=n_params)
+
+    config.dtype = target
+    config.save_pretrained(out)
+    try:
+        gen = GenerationConfig.from_model_config(config)
+        if gen.to_diff_dict():
+            gen.save_pretrained(out)
+    except (ValueError, TypeError):
+        pass  # a config that makes no valid generation config: from_pretrained uses defaults
+    tokenizer.save_pretrained(out)
+    return {
+        "step_dir": str(step_dir),
+        "out": str(out),
+        "dtype": dtype,
+        "files": files + [INDEX_FILE],
+        "tensors": len(specs),
+        "params": n_params,
+        "total_bytes": total,
+        "tied_embeddings": tied,
+        "zero_stage": meta.zero_stage,
+        "dp_world_size": meta.dp_world_size,
+        "global_steps": meta.global_steps,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
