@@ -61,25 +61,40 @@ def run(
         typer.Option("--ray-address", help="Join this Ray cluster instead of starting one (or set RAY_ADDRESS)."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume/--no-resume", help="Resume RUN_DIR from its newest committed checkpoint; "
+                     "--no-resume moves the earlier run aside and starts over."),
+    ] = True,
 ) -> None:
     """Train a recipe here, in the foreground, on a local Ray cluster.
 
-    Writes RUN_DIR/recipe.yaml (resolved), metrics.jsonl, logs/, samples.jsonl, summary.json.
+    Writes RUN_DIR/recipe.yaml (resolved), metrics.jsonl, logs/, checkpoints/, samples.jsonl,
+    summary.json. If RUN_DIR already holds a run, it resumes from the newest committed
+    checkpoint. SIGTERM, SIGINT or SIGUSR1 checkpoint and stop: exit code 75 (preempted).
 
     Example: launcher run recipes/examples/tiny-sft.yaml train.max_steps=50 --run-dir runs/try1
     """
-    from launcher.cli.progress import training_progress
     from launcher.recipe import load_recipe
+
+    r = load_recipe(recipe, overrides or [])
+    run_and_report(r, run_dir, ray_address=ray_address, as_json=as_json, resume=resume)
+
+
+def run_and_report(r, run_dir: Optional[Path], *, ray_address: Optional[str], as_json: bool, resume: bool) -> None:
+    """Shared by `run` and `resume`: train, then print the summary, or exit 75 if preempted."""
+    from launcher.cli.progress import training_progress
+    from launcher.errors import EXIT_PREEMPTED
     from launcher.runtime.driver import WorkerFailed
     from launcher.runtime.job import default_run_dir, run_job
 
-    r = load_recipe(recipe, overrides or [])
     out_dir = run_dir or default_run_dir(r)
     out = Console(stderr=True) if as_json else console
     out.print(f"run [bold]{r.name}[/] -> {out_dir}", highlight=False)
     try:
         result = run_job(
-            r, out_dir, ray_address=ray_address, progress=lambda d: training_progress(d, out)
+            r, out_dir, ray_address=ray_address, progress=lambda d: training_progress(d, out),
+            resume=resume, notify=lambda m: out.print(m, highlight=False),
         )
     except WorkerFailed as e:
         out.print(f"[bold red]{e}[/]", highlight=False)
@@ -89,6 +104,18 @@ def run(
             out.print(f"[dim]--- last lines of {log} ---[/]", highlight=False)
             out.print("\n".join(tail), markup=False, highlight=False)
         raise typer.Exit(1)
+    if result.preempted is not None:
+        p = result.preempted
+        if as_json:
+            print(json.dumps({"run_dir": str(out_dir), "preempted": p}))
+        out.print(
+            f"[bold yellow]preempted[/] after step {p['step']}: "
+            + (f"checkpoint {p['committed']} committed" if p.get("committed") else "no time to save; "
+               "the previous checkpoint stands")
+            + f". Resume: launcher resume {out_dir}",
+            highlight=False,
+        )
+        raise typer.Exit(EXIT_PREEMPTED)
     if as_json:
         print(json.dumps({"run_dir": str(out_dir), **result.summary, "first_loss": result.first_loss, "samples": result.samples}))
         return
@@ -205,3 +232,5 @@ def recipes_docs(
 # Verb groups that live in their own modules register themselves on `app` when imported.
 # One line each, so that parallel work on different verbs does not touch the same lines.
 from launcher.cli import ckpt_cmds  # noqa: E402,F401  (ckpt list|verify|export, resume)
+from launcher.cli import ckpt_export_cmd  # noqa: E402,F401  (ckpt export)
+from launcher.cli import estimate_cmd  # noqa: E402,F401  (estimate)

@@ -309,11 +309,32 @@ class CheckpointConfig:
     """Save a checkpoint when training ends."""
 
     keep_last: int = 2
-    """Keep this many most recent checkpoints; older ones are deleted."""
+    """Keep this many most recent committed checkpoints; older ones are deleted only after a
+    newer one is committed."""
+
+    preempt_window_s: float | None = None
+    """Seconds between a preemption signal and the hard kill. A checkpoint is saved on SIGTERM,
+    SIGINT or SIGUSR1 only if the last save took less than what is left. Default: the backend's
+    (`LAUNCHER_PREEMPT_WINDOW_S`; Slurm: the `--signal` lead time), else AWS 120, GCP and Azure
+    30, Slurm 30 (KillWait), local 120."""
+
+    max_worker_restarts: int = 2
+    """When a worker process dies, Ray Train restarts all workers this many times; each restart
+    resumes from the latest committed checkpoint."""
+
+    export_hf_at_end: bool = False
+    """Export the final checkpoint to Hugging Face safetensors in RUN_DIR/hf when training ends
+    (implies saving one)."""
 
     def __post_init__(self) -> None:
         _require(self.every_steps >= 0, "checkpoint.every_steps", "must be 0 or more")
         _require(self.keep_last >= 1, "checkpoint.keep_last", "must be at least 1")
+        _require(self.max_worker_restarts >= 0, "checkpoint.max_worker_restarts", "must be 0 or more")
+        _require(
+            self.preempt_window_s is None or self.preempt_window_s > 0,
+            "checkpoint.preempt_window_s",
+            "must be a positive number of seconds",
+        )
 
 
 @dataclass(kw_only=True, slots=True)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,7 +57,7 @@ def _worker_entry(config: dict[str, Any]) -> None:
     recipe = from_dict(config["recipe"])
     data = ray.get(config["data_ref"]) if config.get("data_ref") is not None else None
     tokenizer = ray.get(config["tokenizer_ref"]) if config.get("tokenizer_ref") is not None else None
-    train(recipe, run_dir, tokenizer=tokenizer, data=data)
+    train(recipe, run_dir, tokenizer=tokenizer, data=data, resume=config.get("resume", True))
 
 
 def _redirect_output(path: Path) -> None:
@@ -112,8 +114,11 @@ def run_on_ray(
     tokenizer: Any,
     data: Any,
     ray_address: str | None = None,
+    resume: bool = True,
 ) -> None:
-    """Run the recipe's workers on Ray; returns when training has finished on every worker."""
+    """Run the recipe's workers on Ray; returns when training has finished or stopped on every
+    worker. A first SIGTERM/SIGINT/SIGUSR1 asks the workers to checkpoint and stop (see
+    `launcher.checkpoint.preempt`); a second one abandons the save and exits at once."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -126,6 +131,7 @@ def run_on_ray(
             "run_dir": str(run_dir.resolve()),
             "data_ref": ray.put(data),
             "tokenizer_ref": ray.put(tokenizer),
+            "resume": resume,
         }
         trainer = TorchTrainer(
             _worker_entry,
@@ -139,11 +145,13 @@ def run_on_ray(
             run_config=RunConfig(
                 name=recipe.name,
                 storage_path=str((run_dir / "ray").resolve()),
-                failure_config=FailureConfig(max_failures=0),
+                # a restarted worker group resumes from the latest committed checkpoint
+                failure_config=FailureConfig(max_failures=recipe.checkpoint.max_worker_restarts),
             ),
         )
         try:
-            trainer.fit()
+            with forward_stop_signals(run_dir, recipe):
+                trainer.fit()
         except Exception as e:  # Ray wraps worker exceptions; surface the user's own mistakes
             user = _unwrap_user_error(e)
             if user is not None:
@@ -152,6 +160,42 @@ def run_on_ray(
     finally:
         if started:
             ray.shutdown()
+
+
+@contextmanager
+def forward_stop_signals(run_dir: Path, recipe: Recipe) -> Iterator[None]:
+    """While the workers train: the first signal writes the stop request they poll after every
+    step; the second abandons everything (an unfinished save stays uncommitted) and exits."""
+    import signal
+
+    from launcher.checkpoint import preempt
+    from launcher.errors import EXIT_PREEMPTED
+
+    window = preempt.notice_window_s(recipe.checkpoint.preempt_window_s)
+    count = 0
+
+    def handle(signum: int, frame: Any) -> None:
+        nonlocal count
+        count += 1
+        if count == 1:
+            preempt.request_stop(run_dir, signum, window)
+            print(f"launcher: {signal.Signals(signum).name}: checkpointing and stopping after this step "
+                  f"(send it again to abort at once)", file=sys.stderr, flush=True)
+            return
+        print("launcher: second signal: aborting without committing a checkpoint", file=sys.stderr, flush=True)
+        import ray
+
+        try:
+            ray.shutdown()
+        finally:
+            os._exit(EXIT_PREEMPTED)
+
+    old = {s: signal.signal(s, handle) for s in preempt.SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 class WorkerFailed(RuntimeError):

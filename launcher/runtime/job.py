@@ -24,25 +24,32 @@ class JobResult:
     samples: list[dict[str, Any]] = field(default_factory=list)
     first_loss: float | None = None
     data_stats: dict[str, Any] = field(default_factory=dict)
+    preempted: dict[str, Any] | None = None
+    """Set when a signal stopped training: {step, signal, committed (step directory or None)}."""
 
 
 def default_run_dir(recipe: Recipe, root: Path = Path("runs")) -> Path:
     return root / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def has_run(run_dir: Path) -> bool:
+    return (run_dir / METRICS_FILE).exists() or (run_dir / "checkpoints").is_dir()
+
+
 def check_run_dir(run_dir: Path) -> None:
-    """Refuse a run directory that already holds a run: nothing of it may be lost."""
-    if (run_dir / METRICS_FILE).exists():
-        raise UserError(
-            f"{run_dir} already holds a run ({METRICS_FILE} exists): choose another --run-dir "
-            "or remove that directory"
-        )
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--run-dir {run_dir} exists and is not a directory")
 
 
+def set_aside(run_dir: Path) -> Path:
+    """Move an earlier run out of the way (for --no-resume): nothing is deleted."""
+    aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir.rename(aside)
+    return aside
+
+
 def prepare_run_dir(run_dir: Path, recipe: Recipe) -> None:
-    """Create the run directory and record the fully resolved recipe."""
+    """Create the run directory and record the fully resolved recipe (the latest one on resume)."""
     check_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / RECIPE_FILE).write_text(to_yaml(recipe))
@@ -78,19 +85,44 @@ def run_job(
     *,
     ray_address: str | None = None,
     progress: Any = None,
+    resume: bool = True,
+    notify: Any = None,
 ) -> JobResult:
     """Train `recipe` with its run directory at `run_dir`. `progress(run_dir)` is a context
-    manager that displays live progress while the workers train."""
+    manager that displays live progress while the workers train; `notify(message)` hears about
+    resumes and restarts.
+
+    A run directory that already holds a run is resumed from its newest committed checkpoint
+    (`resume=False`: the old run is moved aside and training starts over). Returns with
+    `preempted` set when a signal stopped training (the CLI exits with EXIT_PREEMPTED)."""
     from contextlib import nullcontext
 
+    from launcher.checkpoint import preempt
+    from launcher.checkpoint.preflight import check_resume
     from launcher.runtime.driver import run_on_ray
 
+    say = notify or (lambda message: None)
     check_run_dir(run_dir)
+    resume_from = None
+    if has_run(run_dir):
+        if not resume:
+            say(f"--no-resume: the earlier run was moved to {set_aside(run_dir)}")
+        else:
+            resume_from = check_resume(run_dir, recipe)
+            if resume_from is None:
+                say(f"{run_dir} has no committed checkpoint: training starts from step 0")
+            else:
+                say(f"resuming from {resume_from.path}")
     tokenizer, data = preflight(recipe)
     prepare_run_dir(run_dir, recipe)
+    preempt.clear(run_dir)
+    (run_dir / SUMMARY_FILE).unlink(missing_ok=True)
     (run_dir / "data_stats.json").write_text(json.dumps(data.stats, indent=2) + "\n")
     with progress(run_dir) if progress else nullcontext():
-        run_on_ray(recipe, run_dir, tokenizer=tokenizer, data=data, ray_address=ray_address)
+        run_on_ray(recipe, run_dir, tokenizer=tokenizer, data=data, ray_address=ray_address, resume=resume)
+    stopped = run_dir / preempt.PREEMPTED_FILE
+    if stopped.exists():
+        return JobResult(run_dir, {}, preempted=json.loads(stopped.read_text()))
     return load_result(run_dir)
 
 

@@ -171,19 +171,26 @@ def train(
     *,
     tokenizer: Any = None,
     data: Any = None,
+    resume: bool = True,
 ) -> dict[str, Any]:
     """Train `recipe` on this worker; rank 0 writes metrics and samples to `run_dir`.
 
-    `tokenizer` and `data` may be built once by the driver and shared; otherwise each worker
-    builds them (as under torchrun).
+    With `resume`, training continues from the newest committed checkpoint in `run_dir` if
+    there is one. `tokenizer` and `data` may be built once by the driver and shared; otherwise
+    each worker builds them (as under torchrun). Returns the summary; `summary["preempted"]` is
+    set when a stop was requested (signal or stop file) and training ended early.
     """
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
+    from launcher.checkpoint.checkpointer import Checkpointer
+    from launcher.checkpoint.preempt import PREEMPTED_FILE, SaveAborted, WorkerSignals, notice_window_s
+    from launcher.checkpoint.state import capture_rng, fingerprint, restore_rng
     from launcher.data import ResumableSampler, build_datasets, build_tokenizer, render_prompt
 
     ctx = init_distributed()
     t = recipe.train
+    signals = WorkerSignals(notice_window_s(recipe.checkpoint.preempt_window_s))
     _seed_everything(t.seed)
     if tokenizer is None:
         tokenizer = build_tokenizer(recipe.tokenizer, recipe.model.name_or_path)
@@ -212,6 +219,33 @@ def train(
         seed=t.seed,
         shuffle=recipe.data.shuffle,
     )
+    layout = {
+        "world_size": ctx.world_size,
+        "data_parallel": data_parallel,
+        "zero_stage": recipe.parallelism.zero_stage,
+        "pipeline_stages": recipe.parallelism.pipeline_stages,
+    }
+    ckpt = Checkpointer(
+        run_dir,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        meta={**layout, "fingerprint": fingerprint(recipe)},
+        keep_last=recipe.checkpoint.keep_last,
+    )
+
+    start_step, tokens_seen, elapsed_before, last_eval = 0, 0, 0.0, None
+    resumed_from = ckpt.find_resume() if resume else None
+    if resumed_from is not None:
+        from launcher.checkpoint.reshard import load_checkpoint
+
+        state = load_checkpoint(engine, scheduler, resumed_from, ckpt, layout)
+        start_step = int(state["step"])
+        tokens_seen = int(state["tokens_seen"])
+        elapsed_before = float(state.get("elapsed_s", 0.0))
+        last_eval = state.get("last_eval")
+        sampler.load_state_dict(state["sampler"])
+        if state.get("rng") is not None:
+            restore_rng(state["rng"])  # last: everything above may draw random numbers
     stream = BatchStream(data.train, sampler, t.micro_batch_size, pad_id)
 
     params = list(engine.module.parameters())
@@ -220,16 +254,45 @@ def train(
     params_rank0 = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
     writer = None
     if ctx.rank == 0:
+        _truncate_metrics(run_dir, start_step)  # steps after the checkpoint are trained again
         writer = MetricsWriter(run_dir, recipe.logging, run_name=recipe.name, recipe=to_dict(recipe))
-        writer.log({"event": "start", "total_steps": steps, "world_size": ctx.world_size,
-                    "train_examples": len(data.train), "eval_examples": len(data.eval),
-                    "params": params_total, "params_on_rank0": params_rank0, "time": time.time()})
+        if resumed_from is not None:
+            writer.log({"event": "resume", "step": start_step, "checkpoint": resumed_from.path.name,
+                        "world_size": ctx.world_size, "time": time.time()})
+        else:
+            writer.log({"event": "start", "total_steps": steps, "world_size": ctx.world_size,
+                        "train_examples": len(data.train), "eval_examples": len(data.eval),
+                        "params": params_total, "params_on_rank0": params_rank0, "time": time.time()})
+
+    def rank_state(step: int) -> dict[str, Any]:
+        return {
+            "step": step,
+            "rank": ctx.rank,
+            "tokens_seen": tokens_seen,
+            "elapsed_s": elapsed_before + time.time() - start,
+            "last_eval": last_eval,
+            "sampler": sampler.state_dict(),
+            "scheduler": _jsonable(scheduler.state_dict()),
+            "rng": capture_rng(),
+        }
+
+    def save(step: int) -> Path | None:
+        def check_abort() -> None:
+            if signals.aborted(run_dir):
+                raise SaveAborted("a second stop request arrived during the save")
+
+        signals.saving = True
+        try:
+            return ckpt.save(engine, step, rank_state(step), before_commit=check_abort)
+        finally:
+            signals.saving = False
 
     engine.train()
     start = time.time()
-    tokens_seen = 0
-    last_eval = None
-    for step in range(1, steps + 1):
+    record: dict[str, Any] = {"loss": None}
+    preempted: dict[str, Any] | None = None
+    step = start_step
+    for step in range(start_step + 1, steps + 1):
         step_start = time.time()
         loss_sum, step_tokens, label_tokens = 0.0, 0, 0
         for _ in range(t.grad_accum):
@@ -241,7 +304,10 @@ def train(
             mask = batch.get("attention_mask")
             step_tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
             label_tokens += int((batch["labels"] != -100).sum())
-        g_loss, g_tokens, g_labels = _all_sum([loss_sum / t.grad_accum, step_tokens, label_tokens], ctx.device)
+        deadline = signals.deadline(run_dir)
+        # The stop decision rides on the step's all-reduce: every rank stops after the same step.
+        g_loss, g_tokens, g_labels, g_stop = _all_sum(
+            [loss_sum / t.grad_accum, step_tokens, label_tokens, float(deadline is not None)], ctx.device)
         tokens_seen += int(g_tokens)
         now = time.time()
         record = {
@@ -254,20 +320,36 @@ def train(
             "label_tokens": int(g_labels),
             "tokens_per_s": g_tokens / max(now - step_start, 1e-9),
             "step_time_s": now - step_start,
-            "elapsed_s": now - start,
+            "elapsed_s": elapsed_before + now - start,
             "time": now,
         }
         if writer:
             writer.log(record)
+        if g_stop:
+            preempted = {"step": step, "signal": signals.signal_name, "time": now}
+            preempted["committed"] = _save_if_time(save, ckpt, step, deadline, now)
+            break
         if data.eval and t.eval_every and step % t.eval_every == 0 and step != steps:
             last_eval = _log_eval(engine, data.eval, ctx, recipe, pad_id, writer, step)
         if recipe.checkpoint.every_steps and step % recipe.checkpoint.every_steps == 0 and step != steps:
-            _save(engine, run_dir, step, recipe, ctx)
+            save(step)
 
-    if data.eval:
+    if preempted is not None:
+        signals.restore()
+        if writer:
+            writer.log({"event": "preempted", **preempted})
+            writer.close()
+            (run_dir / PREEMPTED_FILE).write_text(json.dumps(preempted) + "\n")
+        dist.barrier()
+        return {"preempted": True, **preempted}
+
+    if data.eval and (step > start_step or last_eval is None):
         last_eval = _log_eval(engine, data.eval, ctx, recipe, pad_id, writer, steps)
-    if recipe.checkpoint.at_end or recipe.checkpoint.every_steps:
-        _save(engine, run_dir, steps, recipe, ctx)
+    final_dir = None
+    ck = recipe.checkpoint
+    if ck.at_end or ck.every_steps or ck.export_hf_at_end:
+        final_dir = save(steps)
+    signals.restore()
 
     prompts = [{"prompt": render_prompt(recipe, tokenizer, p)} for p in recipe.sample.prompts]
     prompts += data.eval_prompts[: recipe.sample.from_eval]
@@ -275,10 +357,12 @@ def train(
     summary = {
         "steps": steps,
         "tokens": tokens_seen,
-        "elapsed_s": time.time() - start,
-        "final_loss": record["loss"],
+        "elapsed_s": elapsed_before + time.time() - start,
+        "final_loss": record["loss"] if record["loss"] is not None else _last_loss(run_dir),
         "eval_loss": last_eval,
         "world_size": ctx.world_size,
+        "resumed_from_step": start_step if resumed_from is not None else None,
+        "peak_memory_bytes": _peak_memory(ctx),
     }
     if writer:
         writer.log({"event": "end", **summary})
@@ -286,9 +370,68 @@ def train(
         with open(run_dir / SAMPLES_FILE, "w") as f:
             for s in samples:
                 f.write(json.dumps(s) + "\n")
+        if ck.export_hf_at_end and final_dir is not None:
+            from launcher.checkpoint.export import export_checkpoint
+
+            summary["hf_export"] = str(run_dir / "hf")
+            export_checkpoint(final_dir, run_dir / "hf", recipe=recipe, dtype=recipe.model.dtype
+                              if recipe.model.dtype != "fp16" else "fp16")
         (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     dist.barrier()
     return summary
+
+
+def _save_if_time(save: Any, ckpt: Any, step: int, deadline: float | None, now: float) -> str | None:
+    """Save at a stop request if the last save fits in what is left of the notice window."""
+    from launcher.checkpoint.layout import step_tag
+
+    left = (deadline - now) if deadline is not None else None
+    # every rank must take the same decision: rank 0's view is broadcast
+    box = [left is None or ckpt.last_save_s is None or ckpt.last_save_s * 1.5 < left]
+    dist.broadcast_object_list(box, src=0)
+    if not box[0]:
+        return None
+    save(step)
+    return step_tag(step)
+
+
+def _truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop metrics of steps after the checkpoint being resumed: they will be trained again."""
+    from launcher.checkpoint.layout import atomic_write_text
+    from launcher.runtime.metrics import METRICS_FILE, read_metrics
+
+    path = run_dir / METRICS_FILE
+    if not path.exists():
+        return
+    keep = [r for r in read_metrics(path) if r.get("step", 0) <= step and r.get("event") not in ("end", "preempted")]
+    if step == 0:
+        keep = []
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+
+
+def _last_loss(run_dir: Path) -> float | None:
+    from launcher.runtime.metrics import METRICS_FILE, read_metrics
+
+    losses = [r["loss"] for r in read_metrics(run_dir / METRICS_FILE) if r.get("loss") is not None and not r.get("eval")]
+    return losses[-1] if losses else None
+
+
+def _jsonable(state: dict[str, Any]) -> dict[str, Any]:
+    """A scheduler state dict without its (unpicklable, recreated) lambdas."""
+    return {k: v for k, v in state.items() if k != "lr_lambdas"}
+
+
+def _peak_memory(ctx: WorkerContext) -> int:
+    """Peak bytes on this rank's device (CUDA allocator) or of this process (RSS), max over ranks."""
+    if ctx.on_gpu:
+        mine = torch.cuda.max_memory_allocated(ctx.device)
+    else:
+        import resource
+
+        mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t = torch.tensor([float(mine)], dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def _grad_norm(engine: Any) -> float | None:
@@ -303,16 +446,3 @@ def _log_eval(engine, examples, ctx, recipe, pad_id, writer, step) -> float:
     if writer:
         writer.log({"step": step, "eval": True, "eval_loss": loss})
     return loss
-
-
-def _save(engine: Any, run_dir: Path, step: int, recipe: Recipe, ctx: WorkerContext) -> None:
-    """A plain DeepSpeed save with pruning to `keep_last` (the commit protocol comes later)."""
-    ckpt_dir = run_dir / "checkpoints"
-    engine.save_checkpoint(str(ckpt_dir), tag=f"step-{step:08d}")
-    dist.barrier()
-    if ctx.rank == 0:
-        import shutil
-
-        tags = sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir())
-        for old in tags[: -recipe.checkpoint.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,126 @@
+"""Load a checkpoint into a freshly built engine: DeepSpeed's loader when the layout is the one
+it was saved with, the project's own conversion when the data-parallel size (or ZeRO stage)
+changed. DeepSpeed refuses the latter for ZeRO (microsoft/DeepSpeed#2898, #6441, #5405) and its
+universal checkpoint has open ZeRO-3 bugs (#7546), so the conversion goes through full
+(unpartitioned) fp32 tensors read from the shards by `zero_reader`, one parameter at a time,
+and written into the new partitions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from launcher.checkpoint.layout import StepDir
+from launcher.checkpoint.manifest import read_manifest
+from launcher.checkpoint.state import read_rank_state
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def same_layout(saved: dict[str, Any], layout: dict[str, Any]) -> bool:
+    keys = ("world_size", "data_parallel", "zero_stage", "pipeline_stages")
+    return all(saved.get(k) == layout.get(k) for k in keys)
+
+
+def reshard_problem(saved: dict[str, Any], layout: dict[str, Any]) -> str | None:
+    """Why a checkpoint cannot be loaded into `layout`, or None if it can (maybe by conversion)."""
+    if saved.get("pipeline_stages", 1) != layout.get("pipeline_stages", 1):
+        return (
+            f"it was written with parallelism.pipeline_stages={saved.get('pipeline_stages', 1)} and this "
+            f"recipe asks for {layout.get('pipeline_stages', 1)}; pipeline checkpoints cannot change their "
+            "stage count: set parallelism.pipeline_stages back"
+        )
+    if saved.get("pipeline_stages", 1) > 1 and not same_layout(saved, layout):
+        return "pipeline checkpoints resume only with the same number of workers"
+    return None
+
+
+def load_checkpoint(engine: Any, scheduler: Any, step_dir: StepDir, ckpt: Any, layout: dict[str, Any]) -> dict[str, Any]:
+    """Restore model, optimizer and scheduler into `engine`; return this rank's saved state
+    (with `rng` None when the layout changed, since ranks no longer correspond)."""
+    saved = read_manifest(step_dir.path)
+    problem = reshard_problem(saved, layout)
+    if problem:
+        from launcher.errors import UserError
+
+        raise UserError(f"{step_dir.path}: cannot resume: {problem}")
+    if same_layout(saved, layout):
+        return ckpt.load_same_layout(engine, step_dir)
+    load_resharded(engine, step_dir.path)
+    state = read_rank_state(step_dir.path, 0)  # sampler position and counters are global
+    sched = dict(state["scheduler"])
+    sched["lr_lambdas"] = [None] * len(scheduler.lr_lambdas)
+    scheduler.load_state_dict(sched)
+    engine.global_steps = int(state["step"])
+    state["rng"] = None
+    return state
+
+
+def _base_optimizer(engine: Any) -> Any:
+    opt = engine.optimizer
+    return getattr(opt, "optimizer", opt)
+
+
+def _ensure_states(base: Any, step: float) -> None:
+    """Create Adam state (torch creates it lazily at the first step) so it can be filled."""
+    for group in base.param_groups:
+        for p in group["params"]:
+            st = base.state[p]
+            for k in MOMENTS:
+                if k not in st:
+                    st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["step"] = torch.tensor(float(step))
+
+
+def _set_z3(opt: Any, param: Any, value: torch.Tensor, key: str | None) -> None:
+    part, _ = opt._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
+    n = part.numel()
+    start = n * opt._get_param_partition_rank(param)
+    flat = value.flatten()
+    chunk = flat[start : start + n]
+    part.data.zero_()
+    part.data[: chunk.numel()].copy_(chunk)
+
+
+def load_resharded(engine: Any, step_dir: Any) -> None:
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    from launcher.checkpoint.zero_reader import iter_full_optimizer_states, read_meta
+
+    meta = read_meta(step_dir)
+    base = _base_optimizer(engine)
+    _ensure_states(base, meta.optimizer_step)
+    opt = engine.optimizer
+    named = dict(engine.module.named_parameters())
+    stage = getattr(engine, "zero_optimization_stage", lambda: 0)()
+    done = set()
+    for name, states in iter_full_optimizer_states(step_dir):
+        p = named.get(name)
+        if p is None or name in done:
+            continue
+        done.add(name)
+        if stage == 3:
+            _set_z3(opt, p, states["fp32"], None)
+            for k in MOMENTS:
+                _set_z3(opt, p, states[k], k)
+        elif hasattr(p, "_hp_mapping"):
+            safe_set_full_fp32_param(p, states["fp32"].reshape(p.shape))
+            for k in MOMENTS:
+                safe_set_full_optimizer_state(p, states[k].reshape(p.shape), k)
+        else:  # ZeRO-0: the optimizer works on the parameters themselves
+            with torch.no_grad():
+                p.data.copy_(states["fp32"].reshape(p.shape))
+            for k in MOMENTS:
+                base.state[p][k] = states[k].reshape(p.shape).clone()
+    missing = [n for n, p in named.items() if p.requires_grad and n not in done]
+    if missing:
+        from launcher.errors import UserError
+
+        raise UserError(f"{step_dir}: the checkpoint has no values for {missing[:5]} ({len(missing)} parameters)")
+    # the low-precision (or ZeRO-3 partitioned) copies the forward uses follow the fp32 masters
+    if stage == 3:
+        for lp, hp in zip(opt.fp16_partitioned_groups_flat, opt.fp32_partitioned_groups_flat):
+            lp.data.copy_(hp.data)
+    elif stage in (1, 2):
+        opt.update_lp_params()
