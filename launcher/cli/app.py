@@ -234,3 +234,4 @@ def recipes_docs(
 from launcher.cli import ckpt_cmds  # noqa: E402,F401  (ckpt list|verify|export, resume)
 from launcher.cli import ckpt_export_cmd  # noqa: E402,F401  (ckpt export)
 from launcher.cli import estimate_cmd  # noqa: E402,F401  (estimate)
+from launcher.cli import backend_cmds  # noqa: E402,F401  (submit, status, logs, cancel)
