@@ -26,10 +26,13 @@ resident set stays near one tensor plus that budget instead of growing to the ch
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import pickle
 import re
+import sys
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,9 +61,11 @@ def allowed_globals() -> list[Any]:
     stage: the stage enum, the (static or dynamic, for fp16) loss scaler, and the fragment
     addresses of ZeRO-1/2's `param_slice_mappings`. All are plain data; none runs code when built.
     """
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
+    # DeepSpeed's logger writes to the stdout of its first import: keep it off `--json` output
+    with contextlib.redirect_stdout(sys.stderr):
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
 
     return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
@@ -74,15 +79,24 @@ def safe_load(path: str | Path, *, mmap: bool = True) -> Any:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such checkpoint file")
+    if mmap and not zipfile.is_zipfile(path):
+        mmap = False  # the legacy (non-zip) format cannot be mapped; still weights_only
     try:
-        with torch.serialization.safe_globals(allowed_globals()):
+        with torch.serialization.safe_globals(allowed_globals()), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # e.g. "Detected pickle protocol 4"
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = f"it references {found.group(1)}" if found else str(e).strip().splitlines()[0]
+        text = str(e)
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+        if found:
+            what = f"it references {found.group(1)}, which is not one of the DeepSpeed checkpoint types allowed"
+        else:
+            reason = detail.group(1).strip() if detail else text.strip().splitlines()[0]
+            what = f"the weights-only unpickler rejects it ({reason}): it is not plain tensor data"
         raise UserError(
-            f"{path}: refused to load: {what}, which is not a DeepSpeed checkpoint type; the file "
-            "may be crafted to run code when unpickled. Only use checkpoints you trust."
+            f"{path}: refused to load: {what}; the file may be crafted to run code when unpickled. "
+            "Only use checkpoints you trust."
         ) from None
     except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
