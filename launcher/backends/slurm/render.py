@@ -203,6 +203,11 @@ export NET_IFACE
 # that lives only in this job's environment (RAY_AUTH_TOKEN) guards the cluster.
 HEAD_NODE="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
 HEAD_IP="$(node_ip)"
+if [ -z "$HEAD_IP" ]; then
+  echo "launcher: no IPv4 address for Ray on $(hostname) (network_interface: ${NET_IFACE:-none})" >&2
+  event exit ', "code": 1, "reason": "no address"'
+  exit 1
+fi
 PORT_BASE=$((10000 + (SLURM_JOB_ID % %(slots)d) * 100))
 RAY_ADDRESS_JOB="$HEAD_IP:$PORT_BASE"
 export RAY_AUTH_MODE=token
