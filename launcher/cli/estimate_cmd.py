@@ -1,0 +1,98 @@
+"""`launcher estimate`: will this recipe fit, how long will it take, what will it cost?"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from launcher.cli.app import app
+from launcher.errors import UserError
+
+
+@app.command()
+def estimate(
+    recipe: Annotated[
+        Optional[str], typer.Argument(help="Recipe YAML file (or leave out and use --model).", show_default=False)
+    ] = None,
+    overrides: Annotated[
+        Optional[list[str]],
+        typer.Argument(help="key=value overrides applied last, e.g. train.micro_batch_size=2", show_default=False),
+    ] = None,
+    model: Annotated[
+        Optional[str], typer.Option("--model", help="Estimate this model (hub id or catalog name) without a recipe.")
+    ] = None,
+    gpu: Annotated[Optional[str], typer.Option("--gpu", help="GPU type, e.g. H100-80GB, A100-40GB, L4.")] = None,
+    nodes: Annotated[Optional[int], typer.Option("--nodes", help="Number of nodes.")] = None,
+    gpus_per_node: Annotated[Optional[int], typer.Option("--gpus-per-node", help="GPUs per node.")] = None,
+    mfu: Annotated[Optional[float], typer.Option("--mfu", help="Efficiency (0-1) instead of the layout's default.")] = None,
+    avg_seq_len: Annotated[
+        Optional[int], typer.Option("--avg-seq-len", help="Mean tokens per sequence for the time estimate.")
+    ] = None,
+    dataset_rows: Annotated[
+        Optional[int], typer.Option("--dataset-rows", help="Rows in the training data (for epochs).")
+    ] = None,
+    network_gbps: Annotated[
+        Optional[float], typer.Option("--network-gbps", help="Inter-node bandwidth per node, Gbit/s (default 800).")
+    ] = None,
+    usd_per_gpu_hour: Annotated[
+        Optional[float], typer.Option("--usd-per-gpu-hour", help="Add an on-prem row at this $/GPU-hour.")
+    ] = None,
+    preemption_rate: Annotated[
+        float, typer.Option("--preemption-rate", help="Spot preemptions per instance-hour.")
+    ] = 0.05,
+    calibrate: Annotated[
+        bool, typer.Option("--calibrate", help="Run a few real steps here and rescale with the measured speed.")
+    ] = False,
+    calibrate_steps: Annotated[int, typer.Option("--calibrate-steps", help="Steps to measure.")] = 5,
+    calibrate_workers: Annotated[
+        Optional[int], typer.Option("--calibrate-workers", help="Workers (GPUs) for calibration; default: the recipe's.")
+    ] = None,
+    offline_prices: Annotated[
+        bool, typer.Option("--offline-prices", help="Use the shipped price table even if SkyPilot is installed.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the estimate as JSON (keys: docs/estimate.md).")] = False,
+) -> None:
+    """GPU memory per GPU, CPU memory per node, time and dollar cost of a recipe, before launch.
+
+    Shows a memory breakdown against the GPU's capacity, a verdict, changes that would make it
+    fit (each re-estimated), step time and wall time, and the cost on AWS, GCP, Azure and Lambda.
+
+    Example: launcher estimate recipes/sft/llama-3.1-8b-full-sft.yaml --gpu A100-80GB --nodes 2
+
+    Example: launcher estimate --model meta-llama/Llama-3.1-70B --gpus-per-node 8 --nodes 4
+    """
+    from launcher.estimate import estimate_recipe, format_estimate, model_recipe
+
+    extra = list(overrides or [])
+    if model:
+        if recipe:
+            if "=" not in recipe:
+                raise UserError("give a recipe file or --model, not both")
+            extra.insert(0, recipe)
+        r = model_recipe(model, extra)
+    elif recipe:
+        if not Path(recipe).exists():
+            raise UserError(f"{recipe}: no such recipe file (or use --model NAME)")
+        from launcher.recipe import load_recipe
+
+        r = load_recipe(recipe, extra)
+    else:
+        raise UserError("give a recipe file or --model NAME, e.g. launcher estimate --model meta-llama/Llama-3.1-8B")
+    kwargs = dict(gpu=gpu, nodes=nodes, gpus_per_node=gpus_per_node, usd_per_gpu_hour=usd_per_gpu_hour,
+                  mfu=mfu, avg_seq_len=avg_seq_len, dataset_rows=dataset_rows, network_gbps=network_gbps,
+                  preemption_rate=preemption_rate)
+    est = estimate_recipe(r, **kwargs, live_prices=not offline_prices)
+    if calibrate:
+        from launcher.estimate.calibrate import calibrate as run_calibration
+
+        if calibrate_steps < 2:
+            raise UserError("--calibrate-steps: at least 2 (the first step is not timed)")
+        cal_kwargs = {k: v for k, v in kwargs.items() if k in ("gpu", "mfu", "avg_seq_len")}
+        run_calibration(est, r, steps=calibrate_steps, workers=calibrate_workers, estimate_kwargs=cal_kwargs)
+    if as_json:
+        print(json.dumps(est.to_json(), indent=2, default=str))
+    else:
+        print(format_estimate(est), end="")

@@ -1,0 +1,249 @@
+"""`estimate_recipe`: memory, time and cost of a recipe's layout, before anything runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from launcher.errors import UserError
+from launcher.estimate import catalog, compute, cost, memory, prices
+from launcher.estimate.hardware import GPUS, Gpu, find_gpu
+from launcher.estimate.layout import Layout, check_data_parallel, check_layout
+from launcher.estimate.params import ModelShape, model_shape
+from launcher.estimate.suggest import Suggestion, suggest
+from launcher.recipe.sections import Recipe
+
+DEFAULT_GPU = "H100-80GB"
+
+
+@dataclass
+class Estimate:
+    recipe_name: str
+    model: str
+    shape: ModelShape
+    layout: Layout
+    gpu: Gpu | None
+    memory: memory.MemoryEstimate
+    fits: bool | None
+    suggestions: list[Suggestion]
+    time: compute.TimeEstimate | None
+    costs: list[cost.CostRow]
+    prices_as_of: str | None
+    prices_source: str | None
+    examples: int | None
+    examples_source: str
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    calibration: dict[str, Any] | None = None
+
+    @property
+    def capacity(self) -> int | None:
+        return self.gpu.memory_bytes if self.gpu else None
+
+    def to_json(self) -> dict[str, Any]:
+        """The stable, documented JSON (docs/estimate.md lists every key)."""
+        t = self.time
+        per_gpu = self.memory.per_gpu
+        lay = self.layout
+        return {
+            "recipe": self.recipe_name,
+            "model": self.model,
+            "params_total": self.shape.total,
+            "params_embeddings": self.shape.embeddings,
+            "params_per_layer": self.shape.per_layer,
+            "num_layers": self.shape.num_layers,
+            "largest_layer_params": self.shape.largest_module,
+            "gpu": self.gpu.name if self.gpu else None,
+            "layout": {"nodes": lay.nodes, "gpus_per_node": lay.gpus_per_node, "world_size": lay.world,
+                       "data_parallel": lay.data_parallel, "pipeline_stages": lay.pipeline_stages,
+                       "zero_stage": lay.zero_stage, "offload_optimizer": lay.offload_optimizer,
+                       "offload_param": lay.offload_param, "dtype": lay.dtype, "micro_batch_size": lay.micro_batch,
+                       "grad_accum": lay.grad_accum, "seq_len": lay.seq_len,
+                       "gradient_checkpointing": lay.grad_ckpt, "attn_implementation": lay.attn},
+            "per_gpu_bytes": per_gpu,
+            "breakdown": [r.to_json() for r in self.memory.rows],
+            "deepspeed_model_states_bytes": {"per_gpu": self.memory.deepspeed_gpu,
+                                             "cpu_per_node": self.memory.deepspeed_cpu},
+            "partition_elements_per_rank": self.memory.partitions,
+            "gpu_capacity_bytes": self.capacity,
+            "fits": self.fits,
+            "spare_bytes": (self.capacity - per_gpu["total"]) if self.capacity else None,
+            "suggestions": [s.to_json() for s in self.suggestions],
+            "cpu_bytes_per_node": self.memory.cpu_per_node,
+            "cpu_breakdown": [r.to_json() for r in self.memory.cpu_rows],
+            "nvme_bytes_per_node": self.memory.nvme_bytes_per_node,
+            "train_examples": self.examples,
+            "flops_per_token": t.flops_per_token if t else None,
+            "tokens_per_step": t.tokens_per_step if t else None,
+            "steps": t.steps if t else None,
+            "total_tokens": t.total_tokens if t else None,
+            "mfu": t.mfu if t else None,
+            "step_time_s": t.step_time_s if t else None,
+            "tokens_per_s": t.tokens_per_s if t else None,
+            "comm_bytes_per_gpu_per_step": t.comm_bytes_per_gpu if t else None,
+            "comm_time_s": t.comm_s if t else None,
+            "total_hours": t.total_hours if t else None,
+            "gpu_hours": (t.total_hours * lay.world) if t and t.total_hours is not None else None,
+            "costs": [c.to_json() for c in self.costs],
+            "prices_as_of": self.prices_as_of,
+            "prices_source": self.prices_source,
+            "warnings": list(self.warnings),
+            "notes": list(self.notes),
+            "calibration": self.calibration,
+        }
+
+
+def _shape_for(recipe: Recipe) -> tuple[str, ModelShape]:
+    m = recipe.model
+    name, cfg = catalog.resolve_config(m.name_or_path, m.config, trust_remote_code=m.trust_remote_code)
+    if not m.name_or_path and "vocab_size" not in cfg and recipe.tokenizer.builtin == "bytes":
+        from launcher.data.tokenizer import BYTES_VOCAB_SIZE
+
+        cfg["vocab_size"] = BYTES_VOCAB_SIZE
+    return name, model_shape(cfg, trust_remote_code=m.trust_remote_code)
+
+
+def estimate_recipe(
+    recipe: Recipe,
+    *,
+    gpu: str | None = None,
+    nodes: int | None = None,
+    gpus_per_node: int | None = None,
+    usd_per_gpu_hour: float | None = None,
+    onprem_name: str | None = None,
+    mfu: float | None = None,
+    avg_seq_len: int | None = None,
+    dataset_rows: int | None = None,
+    network_gbps: float | None = None,
+    preemption_rate: float = cost.PREEMPTIONS_PER_INSTANCE_HOUR,
+    restart_minutes: float = cost.RESTART_MINUTES,
+    live_prices: bool = True,
+) -> Estimate:
+    """Estimate memory per GPU, CPU memory per node, time and cost for `recipe`'s layout.
+
+    `gpu`, `nodes`, `gpus_per_node` override the recipe's resources; `usd_per_gpu_hour` adds an
+    on-prem row (named `onprem_name`). `fits` is None when neither the recipe nor `gpu` names GPUs.
+    """
+    from launcher.runtime.ds_config import build_ds_config
+
+    notes: list[str] = []
+    res = recipe.resources
+    if nodes is not None and nodes < 1:
+        raise UserError("--nodes: must be at least 1")
+    if gpus_per_node is not None and gpus_per_node < 1:
+        raise UserError("--gpus-per-node: must be at least 1")
+    gpu_name = gpu or res.gpu
+    n_nodes = nodes or res.nodes
+    gpn = gpus_per_node or res.gpus_per_node
+    gpu_spec: Gpu | None = None
+    if gpn == 0 and gpu_name is None:
+        gpn = max(1, res.cpu_workers // n_nodes)  # CPU workers: memory per worker only
+        notes.append("the recipe trains on CPU workers and names no GPU: memory per worker only "
+                     "(pass --gpu to check a GPU)")
+    else:
+        if gpn == 0:
+            gpn = max(1, res.cpu_workers // n_nodes)
+            notes.append(f"the recipe has no GPUs: assuming {gpn} {gpu_name} per node (--gpus-per-node)")
+        if gpu_name is None:
+            gpu_name = DEFAULT_GPU
+            notes.append(f"resources.gpu is not set: assuming {DEFAULT_GPU} (--gpu)")
+        gpu_spec = find_gpu(gpu_name, "--gpu" if gpu else "resources.gpu")
+    par, t, m = recipe.parallelism, recipe.train, recipe.model
+    lay = Layout(
+        nodes=n_nodes, gpus_per_node=gpn, pipeline_stages=par.pipeline_stages, zero_stage=par.zero_stage,
+        offload_optimizer=par.offload_optimizer, offload_param=par.offload_param,
+        dtype=m.dtype,
+        micro_batch=t.micro_batch_size, grad_accum=t.grad_accum, seq_len=recipe.data.max_seq_len,
+        grad_ckpt=m.gradient_checkpointing, attn=m.attn_implementation,
+    )
+    model_name, shape = _shape_for(recipe)
+    check_layout(lay, shape.num_layers)
+    from launcher.estimate.data_size import train_examples
+
+    if dataset_rows is not None:
+        examples, ex_src = int(dataset_rows * (1 - recipe.data.eval_fraction)), "--dataset-rows"
+    else:
+        examples, ex_src = train_examples(recipe)
+    if t.max_steps is not None:
+        ex_src = "train.max_steps"
+    check_data_parallel(lay, examples)
+
+    def mem_for(layout: Layout) -> memory.MemoryEstimate:
+        ds = build_ds_config(recipe, data_parallel=layout.data_parallel, on_gpu=gpu_spec is not None)
+        zero = ds.setdefault("zero_optimization", {})
+        zero["stage"] = layout.zero_stage
+        if layout.zero_stage == 3 and "stage3_prefetch_bucket_size" not in zero:
+            zero.update(stage3_prefetch_bucket_size=5e7, stage3_param_persistence_threshold=1e5)
+        return memory.estimate_memory(shape, layout, ds)
+
+    mem = mem_for(lay)
+    total = mem.per_gpu["total"]
+    fits = None if gpu_spec is None else total <= gpu_spec.memory_bytes
+    suggestions: list[Suggestion] = []
+    if fits is False:
+        suggestions = suggest(lay, lambda L: mem_for(L).per_gpu["total"], gpu_spec.memory_bytes)
+
+    steps = compute.total_steps(examples, t.max_steps, t.epochs, lay)
+    if steps is None:
+        notes.append(f"total steps unknown ({ex_src}): set train.max_steps or pass --dataset-rows")
+    tm = None
+    costs: list[cost.CostRow] = []
+    as_of = source = None
+    warnings: list[str] = []
+    if gpu_spec is not None:
+        def time_for(g: Gpu) -> compute.TimeEstimate:
+            return compute.estimate_time(shape, lay, g, steps=steps, avg_seq_len=avg_seq_len, mfu=mfu,
+                                         network_gbps=network_gbps)
+
+        tm = time_for(gpu_spec)
+        warnings += tm.warnings
+        if avg_seq_len is None and not recipe.data.packing:
+            notes.append("time assumes every sequence is max_seq_len tokens long (an upper bound without "
+                         "packing): pass --avg-seq-len for the data's mean length")
+        table = (prices.live_prices() if live_prices else None) or prices.load_prices()
+        as_of, source = table.as_of, table.source
+        time_cache: dict[str, compute.TimeEstimate] = {}
+
+        def t_of(name: str) -> compute.TimeEstimate:
+            if name not in time_cache:
+                time_cache[name] = time_for(GPUS[name]) if name in GPUS else tm
+            return time_cache[name]
+
+        if steps is not None:
+            costs = cost.cost_rows(
+                table.offers, nodes=lay.nodes, gpus_per_node=lay.gpus_per_node,
+                hours_for=lambda n: t_of(n).total_hours,
+                fits_for=lambda n: total <= GPUS[n].memory_bytes if n in GPUS else None,
+                checkpoint_every_steps=recipe.checkpoint.every_steps,
+                step_time_for=lambda n: t_of(n).step_time_s,
+                preemption_rate=preemption_rate, restart_minutes=restart_minutes,
+            )
+            if usd_per_gpu_hour is not None:
+                costs.append(cost.onprem_row(onprem_name or "cluster", gpu_spec.name, lay.world,
+                                             usd_per_gpu_hour, tm.total_hours, fits))
+                costs = cost.mark_cheapest(costs)
+    if lay.offload_optimizer != "none" or lay.offload_param != "none":
+        notes.append("with offload, DeepSpeed's estimate covers model states only; real use adds the rows "
+                     "below it (activations, buffers), which its users report as the 10-40x surprise")
+    return Estimate(
+        recipe_name=recipe.name, model=model_name, shape=shape, layout=lay, gpu=gpu_spec, memory=mem,
+        fits=fits, suggestions=suggestions, time=tm, costs=costs, prices_as_of=as_of, prices_source=source,
+        examples=examples, examples_source=ex_src, notes=notes, warnings=warnings,
+    )
+
+
+def model_recipe(name: str, overrides: list[str] | None = None) -> Recipe:
+    """A recipe for `launcher estimate --model NAME`: defaults for everything but the model."""
+    from launcher.recipe.load import _apply_overrides, from_dict  # noqa: PLC2701
+    from omegaconf import OmegaConf
+
+    base = {
+        "name": "estimate",
+        "model": {"name_or_path": name, "dtype": "bf16", "gradient_checkpointing": True},
+        "data": {"format": "alpaca", "hub": "unspecified", "max_seq_len": 2048},
+        "train": {"max_steps": 1000, "micro_batch_size": 1, "grad_accum": 1},
+        "parallelism": {"zero_stage": 3},
+        "resources": {"nodes": 1, "gpus_per_node": 8, "gpu": DEFAULT_GPU},
+    }
+    cfg = _apply_overrides(OmegaConf.create(base), overrides or [])
+    return from_dict(OmegaConf.to_container(cfg, resolve=True), source=f"--model {name}")

@@ -1,0 +1,65 @@
+"""GPU facts the estimator needs: memory, peak dense 16-bit throughput, link bandwidths.
+
+Capacities are the totals `nvidia-smi` reports (MiB); peak throughput is the vendor's dense
+bf16 figure (V100: fp16, it has no bf16). See docs/estimate.md for sources.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from launcher.errors import UserError
+
+MiB = 1024**2
+GiB = 1024**3
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    memory_bytes: int
+    peak_tflops: float
+    """Dense bf16 (fp16 on V100) tensor-core TFLOP/s."""
+    intra_node_gbps: float
+    """GB/s per GPU to its node peers (NVLink, or PCIe for cards without it), one direction."""
+    bf16: bool = True
+
+
+GPUS: dict[str, Gpu] = {g.name: g for g in [
+    Gpu("H100-80GB", 81559 * MiB, 989.0, 450.0),
+    Gpu("H100-PCIe-80GB", 81559 * MiB, 756.0, 64.0),
+    Gpu("H200-141GB", 143771 * MiB, 989.0, 450.0),
+    Gpu("A100-80GB", 81920 * MiB, 312.0, 300.0),
+    Gpu("A100-40GB", 40960 * MiB, 312.0, 300.0),
+    Gpu("L4-24GB", 23034 * MiB, 121.0, 32.0),
+    Gpu("A10G-24GB", 23028 * MiB, 70.0, 32.0),
+    Gpu("V100-32GB", 32510 * MiB, 125.0, 150.0, bf16=False),
+    Gpu("V100-16GB", 16160 * MiB, 125.0, 150.0, bf16=False),
+]}
+
+_ALIASES = {
+    "h100": "H100-80GB", "h100-sxm": "H100-80GB", "h100-sxm5": "H100-80GB", "h100-80gb-sxm": "H100-80GB",
+    "h100-pcie": "H100-PCIe-80GB", "h200": "H200-141GB", "h200-141gb": "H200-141GB",
+    "a100": "A100-40GB", "a100-40g": "A100-40GB", "a100-80g": "A100-80GB", "l4": "L4-24GB",
+    "a10g": "A10G-24GB", "v100": "V100-16GB", "v100-32g": "V100-32GB", "v100-16g": "V100-16GB",
+}
+
+
+def known_gpus() -> list[str]:
+    return list(GPUS)
+
+
+def find_gpu(name: str, key: str = "--gpu") -> Gpu:
+    """The GPU called `name` (case-insensitive; `H100`, `a100-80gb`, `L4` ...)."""
+    k = name.strip().lower().replace("_", "-").replace(" ", "-")
+    for gname, gpu in GPUS.items():
+        if gname.lower() == k:
+            return gpu
+    if k in _ALIASES:
+        return GPUS[_ALIASES[k]]
+    from launcher.recipe.convert import did_you_mean
+
+    hint = did_you_mean(name, list(GPUS), otherwise="")
+    raise UserError(
+        f"{key}: unknown GPU '{name}'" + (f"; {hint}" if hint else "") + f"; known GPUs: {', '.join(GPUS)}"
+    )

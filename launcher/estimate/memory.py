@@ -1,0 +1,254 @@
+"""Memory per GPU and CPU memory per node for a layout.
+
+Model states follow DeepSpeed's own estimators (`estimate_zero{2,3}_model_states_mem_needs` in
+deepspeed.runtime.zero): the rows marked `deepspeed=True` add up to exactly their figures. Every
+other row (activations, communication buckets, prefetch, partition padding, CUDA context,
+allocator slack) is what those estimators leave out, shown on its own line.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from launcher.estimate.hardware import GiB
+from launcher.estimate.layout import Layout
+from launcher.estimate.params import ModelShape
+
+CATEGORIES = ("params", "grads", "optimizer", "activations", "buffers", "overhead")
+
+DS_BUFFER_FACTOR = 1.5
+"""DeepSpeed's `additional_buffer_factor` for host memory."""
+CUDA_CONTEXT_BYTES = 1 * GiB
+"""CUDA context, cuBLAS workspaces and NCCL buffers per GPU process (typically 0.5-1.5 GiB)."""
+ALLOCATOR_SLACK = 0.10
+"""Caching-allocator fragmentation, as a fraction of activations and buffers."""
+WORKER_PROCESS_BYTES = 3 * GiB
+"""Host memory of one training worker process (Python, torch, CUDA libraries, data)."""
+
+
+@dataclass
+class Row:
+    name: str
+    category: str
+    bytes: int
+    deepspeed: bool = False
+    """Part of DeepSpeed's model-states estimate (the others are what it leaves out)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "category": self.category, "bytes": self.bytes, "deepspeed": self.deepspeed}
+
+
+@dataclass
+class MemoryEstimate:
+    rows: list[Row]
+    cpu_rows: list[Row]
+    nvme_bytes_per_node: int = 0
+    partitions: dict[str, int] = field(default_factory=dict)
+    """Elements per rank of the ZeRO partitions (params, grads, optimizer states)."""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def per_gpu(self) -> dict[str, int]:
+        out = {c: 0 for c in CATEGORIES}
+        for r in self.rows:
+            out[r.category] += r.bytes
+        out["total"] = sum(out[c] for c in CATEGORIES)
+        return out
+
+    @property
+    def total(self) -> int:
+        return sum(r.bytes for r in self.rows)
+
+    @property
+    def cpu_per_node(self) -> int:
+        return sum(r.bytes for r in self.cpu_rows)
+
+    @property
+    def deepspeed_gpu(self) -> int:
+        return sum(r.bytes for r in self.rows if r.deepspeed)
+
+    @property
+    def deepspeed_cpu(self) -> int:
+        return sum(r.bytes for r in self.cpu_rows if r.deepspeed)
+
+
+def stage_params(shape: ModelShape, stages: int) -> int:
+    """Parameters of the largest pipeline stage: its share of the blocks plus the embeddings
+    (both ends hold a copy of tied embeddings; otherwise input and output head are split)."""
+    if stages == 1:
+        return shape.total
+    other = shape.total - shape.num_layers * shape.per_layer
+    return math.ceil(shape.num_layers / stages) * shape.per_layer + (other if shape.tied else math.ceil(other / 2))
+
+
+def model_states(shape: ModelShape, lay: Layout, ds_config: dict[str, Any]) -> MemoryEstimate:
+    """Weights, gradients and optimizer states (DeepSpeed's terms) plus ZeRO's buffers."""
+    w = lay.weight_bytes
+    P = stage_params(shape, lay.pipeline_stages)
+    N = lay.data_parallel
+    g, nodes = lay.gpus_per_node, lay.nodes
+    Lg = shape.largest_module
+    f = DS_BUFFER_FACTOR
+    z = lay.zero_stage
+    opt_off = lay.offload_optimizer != "none"
+    par_off = lay.offload_param != "none"
+    rows: list[Row] = []
+    cpu: list[Row] = []
+    nvme = 0
+    grad_copy = 4  # DeepSpeed keeps an fp32 gradient partition next to the master weights
+    zcfg = ds_config.get("zero_optimization", {})
+
+    if z == 3:
+        # DeepSpeed: GPU 4*Lg + 18P/N (no offload), 4*Lg + 2P/N (optimizer offload), 4*Lg (both)
+        states = int((w + grad_copy + 12) * P / N)
+        p_b, o_b = int(w * P / N), int(12 * P / N)
+        if not opt_off and not par_off:
+            rows += [Row(f"weights ({w} B/param, 1/{N} partition)", "params", p_b, True),
+                     Row("gradients (fp32 partition)", "grads", states - p_b - o_b, True),
+                     Row("optimizer (fp32 master + Adam m, v; 1/N)", "optimizer", o_b, True)]
+            cpu_ds = Lg * 4 * g * f  # zero_init: the project builds ZeRO-3 models inside zero.Init
+        elif opt_off and not par_off:
+            rows.append(Row(f"weights ({w} B/param, 1/{N} partition)", "params", int(w * P / N), True))
+            cpu_ds = P * 16 * (1 / nodes) * f
+        elif opt_off and par_off:
+            cpu_ds = P * (16 + w) * (1 / nodes) * f
+        else:  # parameters offloaded, optimizer on GPU: not covered by DeepSpeed's estimator
+            rows += [Row("gradients (fp32 partition)", "grads", int(grad_copy * P / N)),
+                     Row("optimizer (fp32 master + Adam m, v; 1/N)", "optimizer", o_b)]
+            cpu_ds = P * w * (1 / nodes) * f
+        rows.append(Row("largest module gathered, 16-bit weights + grads (DeepSpeed's 4 x largest layer)",
+                        "buffers", 4 * Lg, True))
+        # per-parameter padding: each parameter is split into N parts of ceil(numel/N) elements
+        part = shape.partition_numel(N) if lay.pipeline_stages == 1 else math.ceil(P / N)
+        exact = {"params": 0 if par_off else w, "grads": 0 if opt_off else grad_copy,
+                 "optimizer": 0 if opt_off else 12}
+        for cat, per_elem in exact.items():
+            have = sum(r.bytes for r in rows if r.category == cat)
+            if per_elem and per_elem * part > have:
+                rows.append(Row(f"partition padding, {cat} (each parameter rounded up to a multiple of N)",
+                                cat, per_elem * part - have))
+        prefetch = int(zcfg.get("stage3_prefetch_bucket_size", 5e7))
+        rows.append(Row("ZeRO-3 prefetch bucket (stage3_prefetch_bucket_size)", "buffers", prefetch * w))
+        threshold = int(zcfg.get("stage3_param_persistence_threshold", 1e5))
+        persistent = sum(n * c for n, c in shape.numels.items() if n < threshold)
+        if persistent:
+            rows.append(Row("persistent small parameters kept whole (< param_persistence_threshold)",
+                            "buffers", int(persistent * w)))
+        bucket = int(zcfg.get("reduce_bucket_size", 5e8))
+        rows.append(Row("gradient reduce-scatter bucket (reduce_bucket_size)" +
+                        (" x2, overlap_comm" if zcfg.get("overlap_comm") else ""),
+                        "buffers", bucket * w * (2 if zcfg.get("overlap_comm") else 1)))
+        partitions = {"params": part, "grads": part, "optimizer_fp32": part, "adam_states": 2 * part}
+    elif z in (1, 2):
+        # DeepSpeed ZeRO-2: GPU 2P + 18P/N; optimizer offload: GPU 2P, CPU P*max(4*GPUs, 16)*1.5
+        rows.append(Row(f"weights ({w} B/param, replicated)", "params", w * P, True))
+        if not opt_off:
+            states = int((w + grad_copy + 12) * P / N)
+            o_b = int(12 * P / N)
+            if z == 2:
+                rows.append(Row(f"gradients ({w}-bit + fp32 partition, 1/{N})", "grads", states - o_b, True))
+            else:
+                rows.append(Row(f"gradients ({w} B full + fp32 partition 1/{N})", "grads",
+                                w * P + int(grad_copy * P / N)))
+            rows.append(Row("optimizer (fp32 master + Adam m, v; 1/N)", "optimizer", o_b, True))
+            cpu_ds = P * 4 * g * f
+        else:
+            if z == 1:
+                rows.append(Row(f"gradients ({w} B/param, full)", "grads", w * P))
+            cpu_ds = P * max(4 * lay.world, 16) * f
+        zcfg_bucket = int(zcfg.get("reduce_bucket_size", 5e8))
+        overlap = 2 if zcfg.get("overlap_comm") else 1
+        rows.append(Row("gradient reduce bucket (reduce_bucket_size" + (", x2 overlap_comm)" if overlap == 2 else ")"),
+                        "buffers", zcfg_bucket * w * overlap))
+        rows.append(Row("weight all-gather bucket (allgather_bucket_size)", "buffers",
+                        int(zcfg.get("allgather_bucket_size", 5e8)) * w))
+        part = math.ceil(P / N)
+        partitions = {"params": P, "grads": part, "optimizer_fp32": part, "adam_states": 2 * part}
+    else:
+        fp32_grads = 4 if w < 4 else 0  # bf16/fp16 optimizer accumulates fp32 gradients
+        master = 4 if w < 4 else 0
+        rows += [Row(f"weights ({w} B/param, replicated)", "params", w * P),
+                 Row("gradients (replicated)", "grads", (w + fp32_grads) * P),
+                 Row("optimizer (Adam m, v" + (" + fp32 master" if master else "") + ", replicated)",
+                     "optimizer", (8 + master) * P)]
+        cpu_ds = P * 4 * g * f
+        partitions = {"params": P, "grads": P, "optimizer_fp32": P, "adam_states": 2 * P}
+
+    nvme_off = "nvme" in (lay.offload_optimizer, lay.offload_param)
+    if nvme_off:
+        nvme = int(cpu_ds / f)
+        cpu.append(Row("model states staged through host memory (NVMe offload; states live on NVMe)",
+                       "offload", int(cpu_ds / f / 8)))
+    else:
+        cpu.append(Row("model states in host memory (DeepSpeed's estimate, x1.5 buffer factor)",
+                       "offload", int(cpu_ds), True))
+    cpu.append(Row(f"{g} worker processes (~{WORKER_PROCESS_BYTES / GiB:.0f} GiB each)", "overhead",
+                   g * WORKER_PROCESS_BYTES))
+    est = MemoryEstimate(rows, cpu, nvme_bytes_per_node=nvme, partitions=partitions)
+    return est
+
+
+def activation_bytes(shape: ModelShape, lay: Layout) -> list[Row]:
+    """Activation memory at its peak (see docs/estimate.md for every term).
+
+    Per transformer block and token, with a = activation bytes (2 in bf16/fp16):
+    norm inputs (fp32 in RMSNorm models) + normed x, q, k, v (GQA: kv_heads x head_dim), attention
+    output and its copy, MLP tensors (SwiGLU: gate, up, act(gate), product; GELU: two). Eager
+    attention adds the s x s scores (fp32 softmax + its 16-bit copy) per head. Activation
+    checkpointing keeps only each block's input, plus one block recomputed and its gradients.
+    The logits (s x vocab) are kept in 16-bit, upcast to fp32 for the loss, with the log-softmax
+    and its gradient: the largest single activation for big vocabularies.
+    """
+    a = 4 if lay.dtype == "fp32" else 2
+    s, b = lay.seq_len, lay.micro_batch
+    h, f, V = shape.hidden, shape.intermediate, shape.vocab
+    kvd = shape.kv_heads * shape.head_dim
+    qd = shape.heads * shape.head_dim
+    norm = 4 if shape.gated_mlp else a  # HF RMSNorm upcasts its input to fp32
+    tok = s * b
+    attn = tok * (norm * h + a * h + a * qd + 2 * a * kvd + 2 * a * h)
+    if lay.attn == "eager":
+        scores = shape.heads * s * s * b * (4 + (a if a < 4 else 0))
+    else:
+        scores = shape.heads * tok * 4  # logsumexp kept by flash/SDPA
+    mlp = tok * (norm * h + a * h + (4 * a * f if shape.gated_mlp else 2 * a * f))
+    block = attn + scores + mlp
+    layers = math.ceil(shape.num_layers / lay.pipeline_stages)
+    kept = tok * a * h if lay.grad_ckpt else block
+    stored = layers * kept + tok * a * h  # + embedding output
+    logits = tok * V * ((a if a < 4 else 0) + 12)
+    working = 2 * block if lay.grad_ckpt else block
+    rows: list[Row] = []
+    label = "block inputs (checkpointed)" if lay.grad_ckpt else "all block activations"
+    if lay.pipeline_stages > 1:
+        in_flight = min(lay.pipeline_stages, lay.grad_accum)
+        first = in_flight * stored + working
+        last = stored + max(logits, working)
+        if first > last:
+            return [Row(f"{label}: {layers} layers x {in_flight} micro-batches in flight (first stage)",
+                        "activations", in_flight * stored),
+                    Row("backward working set: " + ("one block recomputed + its gradients" if lay.grad_ckpt
+                        else "one block's gradients"), "activations", working)]
+    rows.append(Row(f"{label}: {layers} layers x micro-batch {b} x {s} tokens", "activations", stored))
+    if logits >= working:
+        rows.append(Row(f"logits over the {V:,}-token vocabulary (16-bit + fp32 loss, log-softmax, grad)",
+                        "activations", logits))
+    else:
+        rows.append(Row("backward working set: " + ("one block recomputed + its gradients" if lay.grad_ckpt
+                        else "one block's gradients"), "activations", working))
+    if lay.attn == "eager":
+        rows.append(Row("  of which eager attention scores (s x s per head, per layer)", "info",
+                        (layers if not lay.grad_ckpt else 1) * scores))
+    return rows
+
+
+def estimate_memory(shape: ModelShape, lay: Layout, ds_config: dict[str, Any]) -> MemoryEstimate:
+    est = model_states(shape, lay, ds_config)
+    est.rows += [r for r in activation_bytes(shape, lay) if r.category != "info"]
+    dynamic = sum(r.bytes for r in est.rows if r.category in ("activations", "buffers"))
+    est.rows.append(Row("CUDA context, cuBLAS workspace, NCCL", "overhead", CUDA_CONTEXT_BYTES))
+    est.rows.append(Row(f"allocator fragmentation ({ALLOCATOR_SLACK:.0%} of activations + buffers)",
+                        "overhead", int(ALLOCATOR_SLACK * dynamic)))
+    return est

@@ -1,0 +1,191 @@
+"""Exact parameter counts of a Hugging Face architecture, from its config alone.
+
+The model is instantiated on the meta device (no memory, no weights read) and its parameters are
+counted. Counting a 405B model this way takes about two seconds, so results are cached: the
+built-in catalog's counts ship in `data/param_counts.json` (a test re-derives them) and other
+configs are cached under `~/.cache/launcher/param_counts.json`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from launcher.errors import RecipeError
+
+SHIPPED = Path(__file__).parent / "data" / "param_counts.json"
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Parameter counts and the shapes that decide activation memory and FLOPs."""
+
+    total: int
+    """Unique parameters (tied embeddings counted once)."""
+    embeddings: int
+    """Token (and position) embeddings plus an untied output head."""
+    per_layer: int
+    """Parameters of one transformer block."""
+    largest_module: int
+    """Largest number of parameters held directly by one module (DeepSpeed's `largest_layer_params`)."""
+    num_layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    gated_mlp: bool
+    tied: bool
+    numels: dict[int, int]
+    """Histogram: parameter size -> how many parameters have it (for ZeRO's per-parameter partitioning)."""
+
+    def partition_numel(self, ranks: int) -> int:
+        """Elements one rank holds when every parameter is split into `ranks` padded parts (ZeRO-3)."""
+        return sum(math.ceil(n / ranks) * c for n, c in self.numels.items())
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["numels"] = {str(k): v for k, v in self.numels.items()}
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "ModelShape":
+        d = {k: v for k, v in d.items() if not k.startswith("_")}
+        d["numels"] = {int(k): v for k, v in d["numels"].items()}
+        return cls(**d)
+
+
+def config_key(config: dict[str, Any]) -> str:
+    text = json.dumps({"v": CACHE_VERSION, "config": config}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def _user_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "launcher" / "param_counts.json"
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def model_shape(config: dict[str, Any], *, trust_remote_code: bool = False, use_cache: bool = True) -> ModelShape:
+    """The shape of the model `config` describes (cached by the config's content)."""
+    key = config_key(config)
+    if use_cache:
+        for path in (SHIPPED, _user_cache()):
+            hit = _read(path).get(key)
+            if hit is not None:
+                return ModelShape.from_json(hit)
+    shape = count_on_meta(config, trust_remote_code=trust_remote_code)
+    if use_cache:
+        path = _user_cache()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            data = _read(path)
+            data[key] = shape.to_json()
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(data))
+            tmp.replace(path)
+        except OSError:
+            pass  # a read-only home only costs speed
+    return shape
+
+
+def _intermediate(cfg: Any, hidden: int) -> int:
+    for name in ("intermediate_size", "n_inner", "ffn_hidden_size", "ffn_dim"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    ratio = getattr(cfg, "expansion_ratio", None)
+    return int(ratio * hidden) if ratio else 4 * hidden
+
+
+def _kv_heads(cfg: Any, heads: int) -> int:
+    for name in ("num_key_value_heads", "num_kv_heads", "n_head_kv"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and v > 0:
+            if name == "num_kv_heads" and not getattr(cfg, "new_decoder_architecture", True):
+                break  # falcon's num_kv_heads only applies to its new architecture
+            return v
+    if getattr(cfg, "multi_query", False):
+        return 1
+    return heads
+
+
+def count_on_meta(config: dict[str, Any], *, trust_remote_code: bool = False) -> ModelShape:
+    """Instantiate the architecture on the meta device and count its parameters."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    d = dict(config)
+    model_type = d.pop("model_type", None)
+    if not model_type:
+        raise RecipeError("model.config.model_type", "the model config has no model_type")
+    for k in ("architectures", "transformers_version", "_name_or_path", "torch_dtype", "dtype", "auto_map"):
+        if k != "auto_map" or not trust_remote_code:
+            d.pop(k, None)
+    try:
+        cfg = AutoConfig.for_model(model_type, **d)
+    except Exception as e:  # unknown model_type, or transformers' own config validation
+        lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+        raise RecipeError("model.config", f"invalid {model_type} config: {lines[-1] if lines else e}") from None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+
+    unique = {id(p): p for p in model.parameters()}
+    total = sum(p.numel() for p in unique.values())
+    numels: dict[int, int] = {}
+    for p in unique.values():
+        numels[p.numel()] = numels.get(p.numel(), 0) + 1
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+
+    hidden = cfg.hidden_size
+    layers_n = cfg.num_hidden_layers
+    blocks = next(
+        (m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == layers_n), None
+    )
+    per_layer = sum(p.numel() for p in blocks[0].parameters()) if blocks is not None else 0
+    emb_ids = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    out = model.get_output_embeddings()
+    if out is not None:
+        emb_ids |= {id(p) for p in out.parameters()}
+    embeddings = sum(unique[i].numel() for i in emb_ids if i in unique)
+    tied = out is not None and out.weight is model.get_input_embeddings().weight
+    names = {n.split(".")[-1] for n, _ in (blocks[0].named_modules() if blocks is not None else [])}
+    gated = bool(names & {"gate_proj", "gate_up_proj", "w1", "w3"})
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    return ModelShape(
+        total=total, embeddings=embeddings, per_layer=per_layer, largest_module=largest,
+        num_layers=layers_n, hidden=hidden, heads=heads, kv_heads=_kv_heads(cfg, heads), head_dim=head_dim,
+        intermediate=_intermediate(cfg, hidden), vocab=cfg.vocab_size, gated_mlp=gated, tied=tied,
+        numels=numels,
+    )
+
+
+def rebuild_shipped() -> dict[str, Any]:
+    """Recount every catalog model (about ten seconds) and rewrite `data/param_counts.json`."""
+    from launcher.estimate.catalog import CATALOG
+
+    data = {}
+    for hub_id, cfg in CATALOG.items():
+        shape = count_on_meta(cfg)
+        data[config_key(cfg)] = {**shape.to_json(), "_model": hub_id}
+    SHIPPED.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    return data
+
+
+if __name__ == "__main__":  # python -m launcher.estimate.params
+    for entry in rebuild_shipped().values():
+        print(f"{entry['_model']:40s} {entry['total']:>16,d}")

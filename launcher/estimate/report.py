@@ -1,0 +1,119 @@
+"""Plain-text report of an estimate (what `launcher estimate` prints)."""
+
+from __future__ import annotations
+
+import math
+
+from launcher.estimate.hardware import GiB
+
+MAX_COST_ROWS = 12
+
+
+def gib(n: float) -> str:
+    return f"{n / GiB:,.2f}"
+
+
+def _hours(h: float) -> str:
+    if not math.isfinite(h):
+        return "never"
+    if h < 1:
+        return f"{h * 60:.0f} min"
+    if h < 48:
+        return f"{h:.1f} h"
+    return f"{h / 24:.1f} days"
+
+
+def format_estimate(est) -> str:  # noqa: ANN001  (launcher.estimate.estimator.Estimate)
+    s, lay, mem = est.shape, est.layout, est.memory
+    out: list[str] = []
+    w = out.append
+    w(f"estimate for {est.recipe_name}")
+    w(f"model    {est.model}: {s.total:,} parameters ({s.num_layers} layers of {s.per_layer:,}; "
+      f"embeddings {s.embeddings:,}; largest module {s.largest_module:,})")
+    gpu = f" {est.gpu.name}" if est.gpu else " workers"
+    w(f"layout   {lay.describe().replace(' GPU(s)', gpu, 1)}; data-parallel {lay.data_parallel}")
+    w("")
+    width = max(len(r.name) for r in mem.rows) + 2
+    w(f"memory per GPU{'':{width - 14}}      GiB")
+    for r in mem.rows:
+        w(f"  {r.name:{width}}{gib(r.bytes):>9}{'  *' if r.deepspeed else ''}")
+    per = mem.per_gpu
+    cap = est.capacity
+    w(f"  {'total':{width}}{gib(per['total']):>9}" + (f"  of {gib(cap)} GiB on {est.gpu.name}" if cap else ""))
+    w(f"  * DeepSpeed's model-states estimate: {gib(mem.deepspeed_gpu)} GiB per GPU, "
+      f"{gib(mem.deepspeed_cpu)} GiB CPU per node; the other rows are what it leaves out")
+    if est.fits is True:
+        w(f"verdict  fits, with {gib(cap - per['total'])} GiB to spare per GPU")
+    elif est.fits is False:
+        w(f"verdict  does NOT fit: short by {gib(per['total'] - cap)} GiB per GPU")
+    else:
+        w("verdict  no GPU named: pass --gpu to check the fit")
+    if est.suggestions:
+        w("changes that would make it fit (each re-estimated):" if any(x.fits for x in est.suggestions)
+          else "no single change makes it fit; closest:")
+        for x in est.suggestions[:8]:
+            mark = "fits " if x.fits else "short"
+            w(f"  [{mark}] {gib(x.per_gpu_total_bytes):>8} GiB  {x.description}")
+            w(f"           {x.change}")
+    w("")
+    w(f"CPU memory per node: {gib(mem.cpu_per_node)} GiB")
+    for r in mem.cpu_rows:
+        w(f"  {r.name:{width}}{gib(r.bytes):>9}{'  *' if r.deepspeed else ''}")
+    if mem.nvme_bytes_per_node:
+        w(f"  NVMe per node: {gib(mem.nvme_bytes_per_node)} GiB")
+    t = est.time
+    if t is not None:
+        w("")
+        w(f"time     {t.flops_per_token / 1e9:,.1f} GFLOP/token"
+          + (" (incl. recompute)" if lay.grad_ckpt else "")
+          + f" x {t.tokens_per_step:,} tokens/step at {t.mfu:.0%} of {est.gpu.peak_tflops:g} TFLOP/s "
+          f"({t.mfu_source}; --mfu)")
+        line = f"         step {t.step_time_s:,.2f} s (compute {t.compute_s:,.2f} s"
+        if t.comm_bytes_per_gpu:
+            line += f", communication {t.comm_s:,.2f} s for {t.comm_bytes_per_gpu / 1e9:,.1f} GB/GPU"
+        line += f"), {t.tokens_per_s:,.0f} tokens/s"
+        w(line)
+        if t.bubble:
+            w(f"         pipeline bubble {t.bubble:.0%}")
+        if t.steps is not None:
+            w(f"         {t.steps:,} steps ({est.examples_source}), {t.total_tokens:,} tokens: "
+              f"{_hours(t.total_hours)} wall, {t.total_hours * lay.world:,.0f} GPU-hours")
+    if est.costs:
+        w("")
+        w(f"cost     prices as of {est.prices_as_of} ({est.prices_source}); spot includes expected "
+          "preemption losses")
+        w(f"  {'cloud':8} {'region':12} {'instance':26} {'GPUs':>4}  {'':4} {'$/hour':>9} {'hours':>8} "
+          f"{'total $':>11}")
+        for c in est.costs[:MAX_COST_ROWS]:
+            fit = "" if c.fits else "  (does not fit)"
+            mark = "  <- cheapest that fits" if c.cheapest else ""
+            hours = f"{c.hours:,.1f}" if math.isfinite(c.hours) else "never"
+            total = "-" if not math.isfinite(c.total_usd) else (
+                f"{c.total_usd:,.0f}" if c.total_usd >= 100 else f"{c.total_usd:,.2f}")
+            w(f"  {c.cloud:8} {c.region:12} {c.instance:26} {c.gpus:>4}  {'spot' if c.spot else '':4} "
+              f"{c.usd_per_hour:>9,.2f} {hours:>8} {total:>11}{fit}{mark}")
+        if len(est.costs) > MAX_COST_ROWS:
+            cheapest = next((c for c in est.costs if c.cheapest), None)
+            if cheapest and est.costs.index(cheapest) >= MAX_COST_ROWS:
+                w(f"  ... cheapest that fits: {cheapest.cloud} {cheapest.instance}"
+                  f"{' spot' if cheapest.spot else ''} ${cheapest.total_usd:,.0f}")
+            w(f"  ({len(est.costs) - MAX_COST_ROWS} more rows in --json)")
+    if est.calibration:
+        c = est.calibration
+        w("")
+        w(f"calibration ({c['steps']} measured steps on {c['world_size']} worker(s), {c['device']})")
+        w(f"  step time   estimated {c['estimated_step_time_s']:.3f} s   measured {c['measured_step_time_s']:.3f} s"
+          f"   -> efficiency {c['measured_mfu']:.1%}" if c.get("measured_mfu") is not None else
+          f"  step time   measured {c['measured_step_time_s']:.3f} s")
+        if c.get("measured_peak_memory_bytes") is not None:
+            w(f"  peak memory estimated {gib(c['estimated_peak_bytes'])} GiB   measured "
+              f"{gib(c['measured_peak_memory_bytes'])} GiB ({c['peak_memory_kind']})")
+        else:
+            w("  peak memory not recorded by this runtime (summary.json has no peak_memory_bytes)")
+        if c.get("rescaled_total_hours") is not None:
+            w(f"  rescaled    {_hours(c['rescaled_total_hours'])} wall with the measured efficiency")
+    for x in est.warnings:
+        w(f"warning: {x}")
+    for x in est.notes:
+        w(f"note: {x}")
+    return "\n".join(out) + "\n"

@@ -1,0 +1,102 @@
+"""Changes that would make a recipe fit, each with its own new estimate."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from launcher.estimate.layout import Layout
+
+
+@dataclass
+class Suggestion:
+    change: str
+    """Recipe overrides (key=value ...) or options that make the change."""
+    description: str
+    per_gpu_total_bytes: int
+    fits: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {"change": self.change, "description": self.description,
+                "per_gpu_total_bytes": self.per_gpu_total_bytes, "fits": self.fits}
+
+
+def _diff(base: Layout, lay: Layout) -> tuple[str, str]:
+    keys, words = [], []
+    if lay.grad_ckpt != base.grad_ckpt:
+        keys.append("model.gradient_checkpointing=true")
+        words.append("activation checkpointing")
+    if lay.zero_stage != base.zero_stage:
+        keys.append(f"parallelism.zero_stage={lay.zero_stage}")
+        words.append(f"ZeRO-{lay.zero_stage}")
+    if lay.offload_optimizer != base.offload_optimizer:
+        keys.append(f"parallelism.offload_optimizer={lay.offload_optimizer}")
+        words.append("optimizer states in CPU memory")
+    if lay.offload_param != base.offload_param:
+        keys.append(f"parallelism.offload_param={lay.offload_param}")
+        words.append("parameters in CPU memory")
+    if lay.micro_batch != base.micro_batch:
+        keys += [f"train.micro_batch_size={lay.micro_batch}", f"train.grad_accum={lay.grad_accum}"]
+        words.append(f"micro-batch {lay.micro_batch} with {lay.grad_accum}x accumulation (same global batch)")
+    if lay.gpus_per_node != base.gpus_per_node:
+        keys.append(f"resources.gpus_per_node={lay.gpus_per_node}")
+    if lay.nodes != base.nodes:
+        keys.append(f"resources.nodes={lay.nodes}")
+    if lay.world != base.world:
+        words.append(f"{lay.world} GPUs ({lay.nodes} x {lay.gpus_per_node})")
+    return " ".join(keys), ", ".join(words)
+
+
+def suggest(base: Layout, total_for: Callable[[Layout], int], capacity: int, *, max_nodes: int = 64) -> list[Suggestion]:
+    """Single changes first, then cumulative ones, then more GPUs; each re-estimated."""
+    candidates: list[Layout] = []
+    if not base.grad_ckpt:
+        candidates.append(base.with_(grad_ckpt=True))
+    if base.zero_stage < 3 and base.pipeline_stages == 1:
+        candidates.append(base.with_(zero_stage=3))
+    if base.micro_batch > 1:
+        candidates.append(base.with_(micro_batch=1, grad_accum=base.grad_accum * base.micro_batch))
+    z = base.zero_stage if base.zero_stage >= 1 else 3
+    if base.offload_optimizer == "none" and base.pipeline_stages == 1:
+        candidates.append(base.with_(zero_stage=z, offload_optimizer="cpu"))
+    # cumulative: everything that trades speed for memory on the same GPUs
+    cum = base.with_(grad_ckpt=True)
+    if base.pipeline_stages == 1:
+        cum = cum.with_(zero_stage=3)
+    if base.micro_batch > 1:
+        cum = cum.with_(micro_batch=1, grad_accum=base.grad_accum * base.micro_batch)
+    candidates.append(cum)
+    if base.pipeline_stages == 1:
+        candidates.append(cum.with_(offload_optimizer="cpu"))
+        candidates.append(cum.with_(offload_optimizer="cpu", offload_param="cpu"))
+    # more GPUs (ZeRO-3 divides model states by the data-parallel degree)
+    more = cum if base.pipeline_stages == 1 else base
+    gpn, nodes = max(base.gpus_per_node, 1), base.nodes
+    while nodes <= max_nodes:
+        if gpn < 8:
+            gpn = min(8, gpn * 2)
+        else:
+            nodes *= 2
+        if nodes > max_nodes:
+            break
+        lay = more.with_(gpus_per_node=gpn, nodes=nodes)
+        if lay.world % lay.pipeline_stages:
+            continue
+        if total_for(lay) <= capacity:
+            candidates.append(lay)
+            if base.pipeline_stages == 1:
+                candidates.append(lay.with_(grad_ckpt=base.grad_ckpt, micro_batch=base.micro_batch,
+                                            grad_accum=base.grad_accum))
+            break
+    out: list[Suggestion] = []
+    seen = set()
+    for lay in candidates:
+        if lay == base or lay in seen:
+            continue
+        seen.add(lay)
+        total = total_for(lay)
+        change, words = _diff(base, lay)
+        out.append(Suggestion(change, words, total, total <= capacity))
+    # what fits first (least disruptive first: fewest changes), then the rest by memory
+    out.sort(key=lambda s: (not s.fits, s.change.count("=") if s.fits else 0, s.per_gpu_total_bytes))
+    return out
