@@ -77,10 +77,11 @@ def test_show_applies_overrides_as_json():
     assert data["checkpoint"]["keep_last"] == 2  # defaults are filled in
 
 
-def test_run_refuses_to_clobber_an_existing_run(tmp_path):
+def test_run_refuses_to_clobber_a_finished_run_without_checkpoints(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    (tmp_path / "summary.json").write_text('{"steps": 1}\n')
     res = run_cli("run", str(RECIPES / "examples/tiny-sft.yaml"), "--run-dir", str(tmp_path))
-    assert res.returncode == 2 and "already holds a run" in res.stderr
+    assert res.returncode == 2 and "already holds a finished run" in res.stderr and "--no-resume" in res.stderr
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
 
 

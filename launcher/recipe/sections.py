@@ -350,6 +350,10 @@ class LoggingConfig:
     wandb_entity: str | None = None
     """W&B entity (team or user); empty uses your default."""
 
+    sample_ids: bool = False
+    """Record in metrics.jsonl the training example indices of every step, over all ranks (an
+    audit that a resume or reshard skipped and repeated nothing)."""
+
 
 @dataclass(kw_only=True, slots=True)
 class SampleConfig:

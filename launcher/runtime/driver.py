@@ -81,6 +81,9 @@ def _init_ray(address: str | None, plan: RayPlan) -> bool:
         return False
     cpus = max(os.cpu_count() or 1, plan.num_workers * int(plan.resources_per_worker.get("CPU", 1)))
     ray.init(
+        # "local" always starts a new cluster: without it Ray joins any cluster that `ray start`
+        # left running on this machine (another user's, another job's).
+        address="local",
         num_cpus=cpus,
         _node_ip_address="127.0.0.1",  # a private local cluster listens on loopback only
         object_store_memory=256 * 1024**2,

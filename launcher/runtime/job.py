@@ -110,6 +110,15 @@ def run_job(
         else:
             resume_from = check_resume(run_dir, recipe)
             if resume_from is None:
+                if (run_dir / SUMMARY_FILE).exists():
+                    raise UserError(
+                        f"{run_dir} already holds a finished run and no committed checkpoint to continue "
+                        "from: choose another --run-dir, or --no-resume to move that run aside and start over"
+                    )
+                # stopped before its first checkpoint (e.g. preempted early): start over, keep its log
+                old = run_dir / METRICS_FILE
+                if old.exists():
+                    old.rename(run_dir / f"metrics.before-restart-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
                 say(f"{run_dir} has no committed checkpoint: training starts from step 0")
             else:
                 say(f"resuming from {resume_from.path}")

@@ -100,6 +100,7 @@ class BatchStream:
             except StopIteration:
                 self.sampler.set_epoch(self.sampler.state_dict()["epoch"] + 1)
                 self._it = iter(self.sampler)
+        self.last_ids = idx
         return self._collate([self.examples[i] for i in idx], pad_id=self.pad_id)
 
 
@@ -295,8 +296,10 @@ def train(
     for step in range(start_step + 1, steps + 1):
         step_start = time.time()
         loss_sum, step_tokens, label_tokens = 0.0, 0, 0
+        step_ids: list[int] = []
         for _ in range(t.grad_accum):
             batch = _to(stream.next(), ctx.device)
+            step_ids += stream.last_ids
             out = engine(**batch)
             engine.backward(out.loss)
             engine.step()
@@ -323,6 +326,10 @@ def train(
             "elapsed_s": elapsed_before + now - start,
             "time": now,
         }
+        if recipe.logging.sample_ids:
+            gathered: list[Any] = [None] * ctx.world_size
+            dist.all_gather_object(gathered, step_ids)
+            record["sample_ids"] = sorted(i for ids in gathered for i in ids)
         if writer:
             writer.log(record)
         if g_stop:
