@@ -13,8 +13,20 @@ demo: setup
 	$(VENV)/bin/launcher run recipes/examples/tiny-sft.yaml --run-dir $(DEMO_DIR)
 	$(VENV)/bin/launcher plot $(DEMO_DIR)
 
+# The Slurm tests run against a single-host Slurm started here and stopped afterwards, even when
+# tests fail (cluster/dev/slurm-up.sh installs Debian's slurm + munge when missing); one that was
+# already running is left running.
+# LAUNCHER_REQUIRE_SLURM=1: the Slurm tests fail instead of skipping if it did not come up.
+SLURM_DIR ?= /tmp/launcher-slurm
+
 test: setup
-	$(PY) -m pytest -q
+	@export LAUNCHER_SLURM_DIR=$(SLURM_DIR) SLURM_CONF=$(SLURM_DIR)/slurm.conf; \
+	was_up=0; [ -f $$SLURM_CONF ] && timeout 5 sinfo -h >/dev/null 2>&1 && was_up=1; \
+	bash cluster/dev/slurm-up.sh >/dev/null; up=$$?; \
+	LAUNCHER_REQUIRE_SLURM=1 $(PY) -m pytest -q; rc=$$?; \
+	[ $$was_up = 1 ] || bash cluster/dev/slurm-down.sh; \
+	if [ $$up -ne 0 ]; then echo "make test: the local Slurm did not come up (see above)"; exit 1; fi; \
+	exit $$rc
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
