@@ -36,7 +36,7 @@ def slurm_env():
         env["SLURM_CONF"] = str(DEV_CONF)
     try:
         res = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20, env=env)
-        ok, why = res.returncode == 0 and "idle" in res.stdout + "mixed", (res.stderr or res.stdout).strip()
+        ok, why = res.returncode == 0 and bool(res.stdout.strip()), (res.stderr or res.stdout).strip()
     except (OSError, subprocess.TimeoutExpired) as e:
         ok, why = False, str(e)
     if not ok:
