@@ -101,3 +101,10 @@ def test_registry_trouble_never_stops_a_run(tmp_path, monkeypatch, capsys):
     with track_local_run(_recipe(), tmp_path / "r") as run:
         assert run is None
     assert "run registry not updated" in capsys.readouterr().err
+
+
+def test_runs_inside_a_cluster_job_are_left_to_the_backend(reg, tmp_path, monkeypatch):
+    monkeypatch.setenv("LAUNCHER_BACKEND", "slurm")
+    with track_local_run(_recipe(), tmp_path / "r") as run:
+        assert run is None
+    assert reg.list() == []

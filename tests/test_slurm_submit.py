@@ -209,3 +209,11 @@ def test_sbatch_failure_is_a_user_error(slurm, recipe_file, tmp_path, monkeypatc
     monkeypatch.setattr(sh, "RUNNER", failing)
     res = submit(recipe_file, tmp_path / "run")
     assert res.exit_code != 0 and re.search("invalid partition", str(res.exception))
+
+
+def test_dry_run_without_the_estimator(slurm, recipe_file, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "launcher.estimate", None)  # import fails
+    res = submit(recipe_file, tmp_path / "run", "--dry-run")
+    assert res.exit_code == 0 and "estimate: unavailable" in res.output

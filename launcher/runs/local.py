@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -27,8 +28,12 @@ def track_local_run(
     """Record a foreground run: `running` on entry; `completed`, `preempted` (exit 75),
     `cancelled` (Ctrl-C) or `failed` on exit. A run directory already in the registry (a resumed
     run) keeps its row and counts a restart. The registry never breaks a run: if it cannot be
-    written, a warning is printed and training goes on."""
+    written, a warning is printed and training goes on. Inside a cluster job (`LAUNCHER_BACKEND`
+    set by the job script, e.g. `slurm`) nothing is recorded: the backend tracks the run."""
     run_dir = Path(run_dir).absolute()
+    if os.environ.get("LAUNCHER_BACKEND", "local") != "local":
+        yield None  # started by a cluster job: that backend's row tracks the run
+        return
     try:
         reg = registry or Registry()
         run = _start(reg, recipe, run_dir, recipe_path)

@@ -149,6 +149,7 @@ def render_sbatch(
         f"RAY_START_TIMEOUT={int(profile.ray_start_timeout_s)}",
         f"MAX_RESTARTS={int(profile.max_restarts)}",
         f"export LAUNCHER_RUN_ID={_q(run_id)}",
+        "export LAUNCHER_BACKEND=slurm",
     ]
     if profile.network_interface:
         d.append(f"NET_IFACE={_q(profile.network_interface)}")
