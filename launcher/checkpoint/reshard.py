@@ -62,15 +62,18 @@ def _base_optimizer(engine: Any) -> Any:
     return getattr(opt, "optimizer", opt)
 
 
-def _ensure_states(base: Any, step: float) -> None:
-    """Create Adam state (torch creates it lazily at the first step) so it can be filled."""
-    for group in base.param_groups:
-        for p in group["params"]:
-            st = base.state[p]
-            for k in MOMENTS:
-                if k not in st:
-                    st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            st["step"] = torch.tensor(float(step))
+def _ensure_states(opt: Any, base: Any, step: float) -> None:
+    """Create Adam state (torch creates it lazily at the first step) so it can be filled. ZeRO-3
+    hands its fp32 partitions to the base optimizer only during a step, so look there too."""
+    tensors = [p for g in base.param_groups for p in g["params"]]
+    for name in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups"):
+        tensors += [t for t in getattr(opt, name, []) or [] if all(t is not x for x in tensors)]
+    for p in tensors:
+        st = base.state[p]
+        for k in MOMENTS:
+            if k not in st:
+                st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        st["step"] = torch.tensor(float(step))
 
 
 def _set_z3(opt: Any, param: Any, value: torch.Tensor, key: str | None) -> None:
@@ -90,7 +93,7 @@ def load_resharded(engine: Any, step_dir: Any) -> None:
 
     meta = read_meta(step_dir)
     base = _base_optimizer(engine)
-    _ensure_states(base, meta.optimizer_step)
+    _ensure_states(engine.optimizer, base, meta.optimizer_step or 0)
     opt = engine.optimizer
     named = dict(engine.module.named_parameters())
     stage = getattr(engine, "zero_optimization_stage", lambda: 0)()
