@@ -3,6 +3,8 @@ index, config, generation config, tokenizer), one tensor in memory at a time."""
 
 from __future__ import annotations
 
+import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -41,6 +43,12 @@ def _expected_state(config: Any) -> dict[str, tuple[int, ...]]:
 
 
 def _check_matches(meta: Any, config: Any, names: dict[str, tuple[int, ...]], step_dir: Path) -> None:
+    if meta.shared_params and not _tied(config):
+        alias, src = next(iter(meta.shared_params.items()))
+        raise UserError(
+            f"{step_dir}: {alias} was tied to {src} in training but the recipe's model config has "
+            "tie_word_embeddings false: export with the recipe the checkpoint was trained with"
+        )
     expected = _expected_state(config)
     have = dict(names)
     for alias, src in meta.shared_params.items():
@@ -75,15 +83,13 @@ def export_checkpoint(
 ) -> dict[str, Any]:
     """Write the checkpoint at `step_dir` to `out` as a Hugging Face model directory.
 
-    Peak memory is about one full fp32 tensor plus its converted copy plus `remap_bytes` of
-    memory-mapped checkpoint pages, whatever the model's size. Returns a summary (files,
-    total_bytes, params, tensors, seconds, ...).
+    `recipe` is the run's Recipe, or the path of its recipe.yaml. Peak memory is about one full
+    fp32 tensor plus its converted copy, whatever the model's size. The tensors are written by a
+    background thread (file I/O, which releases the GIL) while this one loads transformers and
+    builds the config and tokenizer; a checkpoint that does not match the recipe's model is
+    refused and whatever was written is removed. Returns a summary (files, total_bytes, params,
+    tensors, seconds, ...).
     """
-    from transformers import GenerationConfig
-
-    from launcher.data import build_tokenizer
-    from launcher.runtime.model import model_config
-
     start = time.perf_counter()
     step_dir, out = Path(step_dir), Path(out)
     if dtype not in EXPORT_DTYPES:
@@ -93,58 +99,56 @@ def export_checkpoint(
         raise UserError(f"{out}: already exists and is not empty: choose a new --out directory or delete it")
 
     meta = read_meta(step_dir)
-    tokenizer = build_tokenizer(recipe.tokenizer, recipe.model.name_or_path)
-    config = model_config(recipe.model, tokenizer)
-    tied = _tied(config)
-
     buffers = read_buffers(step_dir)
-    # tensors in model order; tied aliases are written only when the config does not tie them
-    entries: list[tuple[str, str | None]] = [(n, n) for n in meta.param_shapes]
-    shapes = dict(meta.param_shapes)
-    if not tied:
-        for alias, src in meta.shared_params.items():
-            entries.append((alias, src))
-            shapes[alias] = meta.param_shapes[src]
-    entries += [(n, None) for n in buffers]
-    shapes.update({n: tuple(b.shape) for n, b in buffers.items()})
-    _check_matches(meta, config, shapes, step_dir)
+    # Tensors in model order. A tied alias (meta.shared_params) shares its source's data in the
+    # trained model, and `from_pretrained` ties it again from the config: it is not written.
+    names = list(meta.param_shapes) + list(buffers)
+    shapes = {**meta.param_shapes, **{n: tuple(b.shape) for n, b in buffers.items()}}
 
     def out_dtype(name: str) -> torch.dtype:
         if name in buffers and not buffers[name].is_floating_point():
             return buffers[name].dtype
         return target
 
-    specs = [TensorSpec(name, shapes[name], out_dtype(name)) for name, _ in entries]
+    specs = [TensorSpec(name, shapes[name], out_dtype(name)) for name in names]
     plan = plan_shards(specs, max_shard_size)
     files = shard_names(len(plan))
     total = sum(s.nbytes for s in specs)
-
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    sources = [src for _, src in entries if src is not None]
-    params = iter_full_params(step_dir, sources, remap_bytes=remap_bytes)
 
-    def tensors() -> Iterator[torch.Tensor]:
-        for name, src in entries:
-            if src is None:
-                yield buffers[name]
-            else:
-                _, t = next(params)
-                yield t
+    failure: list[BaseException] = []
+    writer = threading.Thread(
+        target=_write_shards,
+        args=(step_dir, out, files, plan, buffers, progress, total, remap_bytes, failure),
+        name="export-writer",
+        daemon=True,
+    )
+    writer.start()
+    try:
+        if not hasattr(recipe, "model"):
+            from launcher.recipe import load_recipe
 
-    stream = tensors()
-    done = 0
-    for fname, shard in zip(files, plan):
-        with ShardWriter(out / fname, shard) as w:
-            for spec in shard:
-                t = next(stream)
-                w.write(spec.name, t.to(spec.dtype) if t.dtype != spec.dtype else t)
-                del t
-                done += spec.nbytes
-                if progress:
-                    progress(done, total)
-    n_params = sum(torch.Size(shapes[n]).numel() for n, src in entries if src is not None)
+            recipe = load_recipe(recipe)
+        from transformers import GenerationConfig
+
+        from launcher.data import build_tokenizer
+        from launcher.runtime.model import model_config
+
+        tokenizer = build_tokenizer(recipe.tokenizer, recipe.model.name_or_path)
+        config = model_config(recipe.model, tokenizer)
+        _check_matches(meta, config, shapes, step_dir)
+    except BaseException:
+        writer.join()
+        _remove(out, created, files)
+        raise
+    writer.join()
+    if failure:
+        _remove(out, created, files)
+        raise failure[0]
+
+    n_params = sum(torch.Size(meta.param_shapes[n]).numel() for n in meta.param_shapes)
     write_index(out, dict(zip(files, plan)), total_parameters=n_params)
-
     config.dtype = target
     config.save_pretrained(out)
     try:
@@ -162,9 +166,41 @@ def export_checkpoint(
         "tensors": len(specs),
         "params": n_params,
         "total_bytes": total,
-        "tied_embeddings": tied,
+        "tied_embeddings": _tied(config),
         "zero_stage": meta.zero_stage,
         "dp_world_size": meta.dp_world_size,
         "global_steps": meta.global_steps,
         "seconds": round(time.perf_counter() - start, 3),
     }
+
+
+def _write_shards(step_dir, out, files, plan, buffers, progress, total, remap_bytes, failure) -> None:
+    """The writer thread: every shard, tensor by tensor, in plan order; an error goes to `failure`."""
+    try:
+        wanted = [s.name for shard in plan for s in shard if s.name not in buffers]
+        params = iter_full_params(step_dir, wanted, remap_bytes=remap_bytes)
+        done = 0
+        for fname, shard in zip(files, plan):
+            with ShardWriter(out / fname, shard) as w:
+                for spec in shard:
+                    if spec.name in buffers:
+                        t = buffers[spec.name]
+                    else:
+                        name, t = next(params)
+                        assert name == spec.name
+                    w.write(spec.name, t.to(spec.dtype) if t.dtype != spec.dtype else t)
+                    del t
+                    done += spec.nbytes
+                    if progress:
+                        progress(done, total)
+    except BaseException as e:  # noqa: BLE001  (re-raised by the caller)
+        failure.append(e)
+
+
+def _remove(out: Path, created: bool, files: list[str]) -> None:
+    if created:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for name in files:
+        for p in (out / name, out / f"{name}.tmp"):
+            p.unlink(missing_ok=True)

@@ -140,9 +140,7 @@ class ShardWriter:
             missing = self.specs[self._next].name
             self.abort()
             raise ValueError(f"{self.path.name}: closed before {missing} was written")
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
+        self._f.close()  # no fsync: an export interrupted by a crash is simply run again
         os.replace(self._tmp, self.path)
 
     def abort(self) -> None:

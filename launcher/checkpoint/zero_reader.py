@@ -27,8 +27,9 @@ resident set stays near one tensor plus that budget instead of growing to the ch
 from __future__ import annotations
 
 import contextlib
-import gc
+import functools
 import math
+import os
 import pickle
 import re
 import sys
@@ -200,6 +201,14 @@ def _layout(step_dir: str | Path) -> _Layout:
     step_dir = Path(step_dir)
     if not step_dir.is_dir():
         raise UserError(f"{step_dir}: checkpoint directory does not exist")
+    files = tuple(sorted((p.name, st.st_size, st.st_mtime_ns) for p in step_dir.iterdir()
+                         if p.suffix == ".pt" and (st := p.stat())))
+    return _cached_layout(step_dir.resolve(), files)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_layout(step_dir: Path, files: tuple) -> _Layout:
+    """Metadata of a step directory; cached while its .pt files are unchanged."""
     model_files, is_z3 = _model_files(step_dir)
     optim_files = _optim_files(step_dir)
     model_sd = safe_load(model_files[0])
@@ -316,7 +325,6 @@ def _layout(step_dir: str | Path) -> _Layout:
         files=[p.name for p in model_files + optim_files],
     )
     del model_sd, module, first_optim
-    gc.collect()
     return _Layout(meta, step_dir, model_files[0], optim_files, frags, stage0_index)
 
 
@@ -376,10 +384,14 @@ def read_meta(step_dir: str | Path) -> ZeroMeta:
 
 
 class _Files:
-    """Memory-mapped rank files, reopened after `budget` bytes were read through them.
+    """The ranks' optimizer files, read tensor slice by tensor slice.
 
-    A page read through an mmap stays in this process's resident set while the mapping lives;
-    dropping every reference unmaps it, so RSS stays near `budget` however big the checkpoint is.
+    Each file is opened with `safe_load(mmap=True)` for its structure only; the bytes of a slice
+    are then read with `pread` straight into the output tensor, at the file offset of the slice's
+    storage (found from the mapping, checked against the zip directory). Nothing is read through
+    the mapping, so the resident set does not grow with the checkpoint. If an offset cannot be
+    established, slices are copied through the mapping instead, and the files are unmapped and
+    reopened every `budget` bytes (pages read through a mapping stay resident while it lives).
     """
 
     def __init__(self, layout: _Layout, budget: int) -> None:
@@ -387,6 +399,8 @@ class _Files:
         self.budget = budget
         self.read = 0
         self._open: dict[int, dict] = {}
+        self._fds: dict[int, int] = {}
+        self._base: dict[int, int | None] = {}
 
     def flat(self, rank: int, key: str, group: int) -> torch.Tensor:
         """Rank `rank`'s flat tensor `group` of `key` ('fp32' or an optimizer state key)."""
@@ -401,25 +415,84 @@ class _Files:
             return osd["single_partition_of_fp32_groups"][group]
         return osd["base_optimizer_state"]["state"][group][key]
 
+    def _file_base(self, rank: int) -> int | None:
+        """Address of byte 0 of rank `rank`'s file in its mapping, or None if unknown."""
+        if rank in self._base:
+            return self._base[rank]
+        base = None
+        try:
+            path = self.layout.optim_files[rank]
+            self.flat(rank, "fp32", 0)
+            ptrs = [t.untyped_storage().data_ptr() for t in _tensors(self._open[rank]) if t.untyped_storage().nbytes()]
+            with zipfile.ZipFile(path) as z, open(path, "rb") as f:
+                offsets = []
+                for zi in z.infolist():
+                    if "/data/" in zi.filename and zi.compress_type == zipfile.ZIP_STORED and zi.file_size:
+                        f.seek(zi.header_offset)
+                        head = f.read(30)
+                        offsets.append(zi.header_offset + 30 + int.from_bytes(head[26:28], "little")
+                                       + int.from_bytes(head[28:30], "little"))
+            if ptrs and offsets and len(set(ptrs)) == len(offsets):
+                base = min(ptrs) - min(offsets)
+                if {p - base for p in ptrs} != set(offsets):
+                    base = None
+        except (OSError, zipfile.BadZipFile, KeyError, IndexError):
+            base = None
+        self._base[rank] = base
+        if base is not None:
+            self._fds[rank] = os.open(self.layout.optim_files[rank], os.O_RDONLY)
+        return base
+
     def count(self, nbytes: int) -> None:
         self.read += nbytes
         if self.read >= self.budget:
-            self.reset()
+            self.reset(keep_fds=True)
 
-    def reset(self) -> None:
+    def reset(self, keep_fds: bool = False) -> None:
         self._open.clear()
         self.read = 0
-        gc.collect()
+        if not keep_fds:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+            self._base.clear()
 
     def gather(self, name: str, key: str) -> torch.Tensor:
         parts = self.layout.frags[name]
         shape = self.layout.meta.param_shapes[name]
         out = torch.empty(_numel(shape), dtype=torch.float32)
         for p in parts:
-            src = self.flat(p.rank, key, p.group).narrow(0, p.start, p.numel)
-            out.narrow(0, p.dest, p.numel).copy_(src)
-            self.count(p.numel * src.element_size())
+            src = self.flat(p.rank, key, p.group)
+            base = self._file_base(p.rank)
+            dst = out.narrow(0, p.dest, p.numel)
+            if base is not None and src.dtype == torch.float32 and src.is_contiguous():
+                offset = src.untyped_storage().data_ptr() + (src.storage_offset() + p.start) * 4 - base
+                _pread_into(self._fds[p.rank], dst, offset)
+            else:
+                dst.copy_(src.narrow(0, p.start, p.numel))
+                self.count(p.numel * src.element_size())
         return out.view(shape)
+
+
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    if torch.is_tensor(obj):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+def _pread_into(fd: int, dst: torch.Tensor, offset: int) -> None:
+    view = memoryview(dst.numpy()).cast("B")
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise UserError(f"checkpoint file ended early at byte {offset + done}: the file is truncated")
+        done += n
 
 
 def _select(meta: ZeroMeta, names: Iterable[str] | None, pool: Iterable[str]) -> list[str]:
@@ -485,7 +558,6 @@ def _module_tensors(layout: _Layout, names: list[str], remap_bytes: int) -> Iter
         yield name, out
         if read >= remap_bytes:
             sds, read = None, 0
-            gc.collect()
 
 
 def read_buffers(step_dir: str | Path) -> dict[str, torch.Tensor]:
@@ -536,4 +608,3 @@ def _stage0_states(layout: _Layout, names: list[str], remap_bytes: int) -> Itera
         yield name, out
         if read >= remap_bytes:
             sd, read = None, 0
-            gc.collect()

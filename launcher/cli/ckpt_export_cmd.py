@@ -74,13 +74,12 @@ def ckpt_export(
     Example: launcher ckpt export runs/tiny-sft-demo --out exports/tiny --dtype bf16
     """
     from launcher.checkpoint.export import export_checkpoint
-    from launcher.recipe import load_recipe
 
     step_dir = resolve_step_dir(run_dir, step)
     recipe_file = run_dir / "recipe.yaml"
     if not recipe_file.is_file():
         raise UserError(f"{recipe_file}: missing: the export needs the run's recipe for the model config and tokenizer")
-    recipe = load_recipe(recipe_file)
+    recipe = recipe_file  # loaded by the export while its writer thread streams the tensors
 
     if as_json or not sys.stdout.isatty():
         summary = export_checkpoint(step_dir, out, recipe=recipe, dtype=dtype, max_shard_size=max_shard_size)
