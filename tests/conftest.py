@@ -53,3 +53,11 @@ def golden(request):
         assert text == path.read_text(), f"{name} differs from the golden file (UPDATE_GOLDEN=1 to re-record)"
 
     return check
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_run_registry(tmp_path_factory):
+    """Runs started by tests (also in subprocesses) go to a throwaway registry, not the user's."""
+    if "LAUNCHER_STATE_DIR" not in os.environ:
+        os.environ["LAUNCHER_STATE_DIR"] = str(tmp_path_factory.mktemp("state"))
+    yield

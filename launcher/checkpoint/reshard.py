@@ -94,6 +94,11 @@ def load_resharded(engine: Any, step_dir: Any) -> None:
     meta = read_meta(step_dir)
     base = _base_optimizer(engine)
     _ensure_states(engine.optimizer, base, meta.optimizer_step or 0)
+    if hasattr(opt_ := engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
+        # ZeRO-1/2 link each parameter to its Adam state lazily, after the first step (and in
+        # 0.19.8 only for group 0): link them now that the state exists.
+        opt_._hp_optimizer_states_linked = False
+        opt_._lazy_init_hp_params_optimizer_state()
     opt = engine.optimizer
     named = dict(engine.module.named_parameters())
     stage = getattr(engine, "zero_optimization_stage", lambda: 0)()

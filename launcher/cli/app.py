@@ -78,17 +78,29 @@ def run(
     from launcher.recipe import load_recipe
 
     r = load_recipe(recipe, overrides or [])
-    run_and_report(r, run_dir, ray_address=ray_address, as_json=as_json, resume=resume)
+    run_and_report(r, run_dir, ray_address=ray_address, as_json=as_json, resume=resume, recipe_path=recipe)
 
 
-def run_and_report(r, run_dir: Optional[Path], *, ray_address: Optional[str], as_json: bool, resume: bool) -> None:
-    """Shared by `run` and `resume`: train, then print the summary, or exit 75 if preempted."""
+def run_and_report(
+    r, run_dir: Optional[Path], *, ray_address: Optional[str], as_json: bool, resume: bool,
+    recipe_path: Optional[Path] = None,
+) -> None:
+    """Shared by `run` and `resume`: train (recorded in the run registry), then print the
+    summary, or exit 75 if preempted."""
+    from launcher.runs import track_local_run
+    from launcher.runtime.job import default_run_dir
+
+    out_dir = run_dir or default_run_dir(r)
+    with track_local_run(r, out_dir, recipe_path=recipe_path):
+        _run_and_report(r, out_dir, ray_address=ray_address, as_json=as_json, resume=resume)
+
+
+def _run_and_report(r, out_dir: Path, *, ray_address: Optional[str], as_json: bool, resume: bool) -> None:
     from launcher.cli.progress import training_progress
     from launcher.errors import EXIT_PREEMPTED
     from launcher.runtime.driver import WorkerFailed
-    from launcher.runtime.job import default_run_dir, run_job
+    from launcher.runtime.job import run_job
 
-    out_dir = run_dir or default_run_dir(r)
     out = Console(stderr=True) if as_json else console
     out.print(f"run [bold]{r.name}[/] -> {out_dir}", highlight=False)
     try:
