@@ -145,3 +145,16 @@ def test_stop_request_round_trip(tmp_path):
     assert stop["signal"] == "SIGUSR1" and stop["deadline"] - stop["time"] == pytest.approx(30.0)
     preempt.clear(tmp_path)
     assert preempt.read_stop(tmp_path) is None
+
+
+def test_hashing_shares_are_balanced_and_cover_every_file(tmp_path):
+    from launcher.checkpoint.checkpointer import share_files
+
+    sizes = {"rank-00000.json": 10, "rank-00001.json": 10, "zero_pp_rank_0_model.pt": 50,
+             "zero_pp_rank_0_optim.pt": 1000, "zero_pp_rank_1_model.pt": 50, "zero_pp_rank_1_optim.pt": 1000}
+    for name, n in sizes.items():
+        (tmp_path / name).write_bytes(b"x" * n)
+    shares = [share_files(tmp_path, r, 2) for r in range(2)]
+    assert sorted(shares[0] + shares[1]) == sorted(sizes)
+    loads = [sum(sizes[f] for f in s) for s in shares]
+    assert loads[0] == loads[1] == 1060  # the two big optimizer files go to different ranks

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -58,6 +59,26 @@ def prune(run_dir: Path, keep_last: int) -> None:
         shutil.rmtree(doomed, ignore_errors=True)
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def share_files(step_dir: Path, rank: int, world_size: int) -> list[str]:
+    """This rank's files to hash: largest first to the least-loaded rank, the same on every rank."""
+    files = sorted(((step_dir / rel).stat().st_size, rel) for rel in checkpoint_files(step_dir))
+    load = [0] * world_size
+    out: list[list[str]] = [[] for _ in range(world_size)]
+    for size, rel in sorted(files, key=lambda x: (-x[0], x[1])):
+        r = min(range(world_size), key=lambda i: (load[i], i))
+        load[r] += size
+        out[r].append(rel)
+    return out[rank]
+
+
 class Checkpointer:
     def __init__(self, run_dir: Path, *, rank: int, world_size: int, meta: dict[str, Any], keep_last: int):
         self.run_dir = Path(run_dir)
@@ -89,17 +110,16 @@ class Checkpointer:
         engine.save_checkpoint(str(root), tag=tag + TMP_SUFFIX, save_latest=False)
         write_rank_state(tmp, self.rank, rank_state)
         dist.barrier()
-        # Hash and fsync the files in parallel, each rank a share of them.
-        files = checkpoint_files(tmp)
+        # Hash and fsync the files in parallel: each rank a share of equal bytes, and on each
+        # rank the fsyncs (disk-bound) run in threads while the hashing (CPU-bound) goes on.
         mine = {}
-        for rel in files[self.rank :: self.world_size]:
-            path = tmp / rel
-            mine[rel] = file_digest(path)
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        share = share_files(tmp, self.rank, self.world_size)
+        with ThreadPoolExecutor(2) as pool:
+            synced = [pool.submit(_fsync, tmp / rel) for rel in share]
+            for rel in share:
+                mine[rel] = file_digest(tmp / rel)
+            for f in synced:
+                f.result()
         gathered: list[Any] = [None] * self.world_size
         dist.all_gather_object(gathered, mine)
         if before_commit:
