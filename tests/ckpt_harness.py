@@ -87,7 +87,7 @@ def kill_tree(p: subprocess.Popen) -> None:
         pass
 
 
-def wait_for(pred, timeout: float = 300, poll: float = 0.02) -> bool:
+def wait_for(pred, timeout: float = 900, poll: float = 0.02) -> bool:
     end = time.time() + timeout
     while time.time() < end:
         if pred():
