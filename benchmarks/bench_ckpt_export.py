@@ -85,8 +85,8 @@ def _worker(run_dir: Path) -> None:
     dist.barrier()
 
 
-def make_checkpoint(run_dir: Path) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
+def spawn_two_ranks(script: str, workdir: Path, log_prefix: str) -> None:
+    """Run `script --_worker WORKDIR` as two gloo ranks on this machine; exit if one fails."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -95,12 +95,17 @@ def make_checkpoint(run_dir: Path) -> None:
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-        log = open(run_dir / f"make-rank{rank}.log", "w")
-        procs.append(subprocess.Popen([sys.executable, __file__, "--_worker", str(run_dir)], env=env,
+        log = open(workdir / f"{log_prefix}{rank}.log", "w")
+        procs.append(subprocess.Popen([sys.executable, script, "--_worker", str(workdir)], env=env,
                                       stdout=log, stderr=subprocess.STDOUT))
     for rank, p in enumerate(procs):
         if p.wait() != 0:
-            sys.exit(f"rank {rank} failed: see {run_dir}/make-rank{rank}.log")
+            sys.exit(f"rank {rank} failed: see {workdir}/{log_prefix}{rank}.log")
+
+
+def make_checkpoint(run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    spawn_two_ranks(__file__, run_dir, "make-rank")
 
 
 def measure(code: str) -> dict:

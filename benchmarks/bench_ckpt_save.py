@@ -16,8 +16,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_ckpt_export import RECIPE  # noqa: E402  (the same 374M model)
+from bench_ckpt_export import RECIPE, spawn_two_ranks  # noqa: E402  (the same 374M model)
 
 
 def _worker(workdir: Path) -> None:
@@ -100,20 +98,7 @@ def main() -> None:
         return
     shutil.rmtree(a.workdir, ignore_errors=True)
     a.workdir.mkdir(parents=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-        log = open(a.workdir / f"rank{rank}.log", "w")
-        procs.append(subprocess.Popen([sys.executable, __file__, "--_worker", str(a.workdir)], env=env,
-                                      stdout=log, stderr=subprocess.STDOUT))
-    for rank, p in enumerate(procs):
-        if p.wait() != 0:
-            sys.exit(f"rank {rank} failed: see {a.workdir}/rank{rank}.log")
+    spawn_two_ranks(__file__, a.workdir, "rank")
     res = json.loads((a.workdir / "save.json").read_text())
     disk = max(disk_write_speed(a.workdir / "dd.bin", res["bytes"]) for _ in range(2))
     mb = 1e6

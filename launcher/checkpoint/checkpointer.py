@@ -28,7 +28,8 @@ from launcher.checkpoint.state import read_rank_state, write_rank_state
 DELETING_SUFFIX = ".deleting"
 
 
-def _broadcast(obj: Any) -> Any:
+def broadcast(obj: Any) -> Any:
+    """Rank 0's value on every rank."""
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
@@ -105,7 +106,7 @@ class Checkpointer:
             if not skip:
                 shutil.rmtree(tmp, ignore_errors=True)  # a crashed save of this same step
         # One decision for all ranks: no rank may go on to write while another has given up.
-        if _broadcast(skip):
+        if broadcast(skip):
             return None
         engine.save_checkpoint(str(root), tag=tag + TMP_SUFFIX, save_latest=False)
         write_rank_state(tmp, self.rank, rank_state)
@@ -145,7 +146,7 @@ class Checkpointer:
         if self.rank == 0:
             clean_uncommitted(self.run_dir)
             choice = latest_committed(self.run_dir)
-        return _broadcast(choice)
+        return broadcast(choice)
 
     def load_same_layout(self, engine: Any, step_dir: StepDir) -> dict[str, Any]:
         """DeepSpeed's own loader for an unchanged layout (it unpickles: verified files only)."""

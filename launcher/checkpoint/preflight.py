@@ -4,50 +4,20 @@ this recipe's layout."""
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from launcher.checkpoint.layout import StepDir, latest_committed
-from launcher.checkpoint.manifest import Problem, file_digest, read_manifest
+from launcher.checkpoint.manifest import read_manifest, verify
 from launcher.errors import UserError
 from launcher.recipe.sections import Recipe
 
 
 def layout_of(recipe: Recipe) -> dict[str, Any]:
+    from launcher.checkpoint.reshard import layout
     from launcher.runtime.driver import ray_plan
 
-    world = ray_plan(recipe).num_workers
-    stages = recipe.parallelism.pipeline_stages
-    return {
-        "world_size": world,
-        "data_parallel": world // stages,
-        "zero_stage": recipe.parallelism.zero_stage,
-        "pipeline_stages": stages,
-    }
-
-
-def verify_parallel(step_dir: Path, workers: int = 4) -> list[Problem]:
-    """`manifest.verify` with the files hashed on several threads (hashlib releases the GIL)."""
-    doc = read_manifest(step_dir)
-    problems: list[Problem] = []
-
-    def check(item: tuple[str, dict[str, Any]]) -> Problem | None:
-        rel, want = item
-        path = step_dir / rel
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            return Problem(str(path), "missing")
-        if size != want["size"]:
-            return Problem(str(path), f"size {size} bytes, manifest says {want['size']} (truncated or rewritten)")
-        if file_digest(path)["sha256"] != want["sha256"]:
-            return Problem(str(path), "checksum does not match the manifest (corrupted)")
-        return None
-
-    with ThreadPoolExecutor(workers) as pool:
-        problems = [p for p in pool.map(check, doc["files"].items()) if p]
-    return problems
+    return layout(recipe, ray_plan(recipe).num_workers)
 
 
 def check_resume(run_dir: Path, recipe: Recipe) -> StepDir | None:
@@ -70,7 +40,7 @@ def check_resume(run_dir: Path, recipe: Recipe) -> StepDir | None:
     problem = reshard_problem(manifest, layout)
     if problem:
         raise UserError(f"{step.path}: cannot resume: {problem}")
-    problems = verify_parallel(step.path)
+    problems = verify(step.path, workers=4)
     if problems:
         raise UserError(
             f"{step.path} is damaged: " + "; ".join(map(str, problems[:3]))

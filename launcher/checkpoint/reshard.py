@@ -18,6 +18,17 @@ from launcher.checkpoint.state import read_rank_state
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
+def layout(recipe: Any, world_size: int) -> dict[str, Any]:
+    """The parallel layout a checkpoint records and a resume compares (see `same_layout`)."""
+    stages = recipe.parallelism.pipeline_stages
+    return {
+        "world_size": world_size,
+        "data_parallel": world_size // stages,
+        "zero_stage": recipe.parallelism.zero_stage,
+        "pipeline_stages": stages,
+    }
+
+
 def same_layout(saved: dict[str, Any], layout: dict[str, Any]) -> bool:
     keys = ("world_size", "data_parallel", "zero_stage", "pipeline_stages")
     return all(saved.get(k) == layout.get(k) for k in keys)

@@ -120,7 +120,7 @@ def ckpt_verify(
     Example: launcher ckpt verify runs/tiny-sft-demo --step 200
     """
     from launcher.checkpoint.layout import checkpoints_dir, list_step_dirs, step_tag
-    from launcher.checkpoint.preflight import verify_parallel
+    from launcher.checkpoint.manifest import verify
 
     _need_run_dir(run_dir)
     if step is not None:
@@ -134,7 +134,7 @@ def ckpt_verify(
             raise UserError(f"{run_dir}: no committed checkpoints to verify")
     results = []
     for path in targets:
-        problems = verify_parallel(path)
+        problems = verify(path, workers=4)
         results.append({"path": str(path), "ok": not problems, "problems": [str(p) for p in problems]})
     if as_json:
         print(json.dumps(results, indent=2))

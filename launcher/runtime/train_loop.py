@@ -185,6 +185,7 @@ def train(
     from transformers.integrations import HfDeepSpeedConfig
 
     from launcher.checkpoint.checkpointer import Checkpointer
+    from launcher.checkpoint.reshard import layout as parallel_layout
     from launcher.checkpoint.preempt import PREEMPTED_FILE, SaveAborted, WorkerSignals, notice_window_s
     from launcher.checkpoint.state import capture_rng, fingerprint, restore_rng
     from launcher.data import ResumableSampler, build_datasets, build_tokenizer, render_prompt
@@ -220,12 +221,7 @@ def train(
         seed=t.seed,
         shuffle=recipe.data.shuffle,
     )
-    layout = {
-        "world_size": ctx.world_size,
-        "data_parallel": data_parallel,
-        "zero_stage": recipe.parallelism.zero_stage,
-        "pipeline_stages": recipe.parallelism.pipeline_stages,
-    }
+    layout = parallel_layout(recipe, ctx.world_size)
     ckpt = Checkpointer(
         run_dir,
         rank=ctx.rank,
@@ -393,10 +389,10 @@ def _save_if_time(save: Any, ckpt: Any, step: int, deadline: float | None, now: 
     from launcher.checkpoint.layout import step_tag
 
     left = (deadline - now) if deadline is not None else None
+    from launcher.checkpoint.checkpointer import broadcast
+
     # every rank must take the same decision: rank 0's view is broadcast
-    box = [left is None or ckpt.last_save_s is None or ckpt.last_save_s * 1.5 < left]
-    dist.broadcast_object_list(box, src=0)
-    if not box[0]:
+    if not broadcast(left is None or ckpt.last_save_s is None or ckpt.last_save_s * 1.5 < left):
         return None
     save(step)
     return step_tag(step)
