@@ -17,16 +17,19 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = [sys.executable, "-m", "launcher"]
 
+# Long enough that a signal sent after step ~22 lands well before the end on a fast machine
+# (a stop lands a few steps late: 10+ steps/s here), short enough to stay within one epoch.
+STEPS = 60
 RECIPE = """\
 defaults: [{root}/recipes/examples/tiny-sft.yaml]
 name: ckpt-test
 data:
-  synthetic: {{task: reverse, num_examples: 600}}
-train: {{max_steps: 30, micro_batch_size: 4, eval_every: 0}}
+  synthetic: {{task: reverse, num_examples: 800}}
+train: {{max_steps: %d, micro_batch_size: 4, eval_every: 0}}
 checkpoint: {{every_steps: 5, keep_last: 2}}
 sample: {{from_eval: 0}}
 logging: {{tensorboard: false, sample_ids: true}}
-"""
+""" % STEPS
 
 
 def write_recipe(path: Path) -> Path:

@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from ckpt_harness import LAUNCHER, ROOT, interrupt, losses, run, step_records, write_recipe
+from ckpt_harness import LAUNCHER, ROOT, STEPS, interrupt, losses, run, step_records, write_recipe
 from launcher.checkpoint.layout import latest_committed, list_step_dirs
 from launcher.errors import EXIT_PREEMPTED
 
@@ -28,7 +28,7 @@ def baseline(recipe, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("base") / "run"
     assert run(["run", str(recipe), "--run-dir", str(run_dir)], run_dir.parent / "log") == 0
     records = step_records(run_dir)
-    assert [r["step"] for r in records] == list(range(1, 31))
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     return run_dir
 
 
@@ -85,7 +85,7 @@ def test_corrupted_shard_is_named_by_verify_and_resume(baseline, tmp_path):
     shard.write_bytes(bytes(data))
     v = subprocess.run(LAUNCHER + ["ckpt", "verify", str(run_dir)], cwd=ROOT, capture_output=True, text=True)
     assert v.returncode == 1 and shard.name in v.stdout and "corrupted" in v.stdout
-    r = subprocess.run(LAUNCHER + ["resume", str(run_dir), "train.max_steps=35"], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(LAUNCHER + ["resume", str(run_dir), f"train.max_steps={STEPS + 5}"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2, r.stdout + r.stderr
     assert shard.name in r.stderr and "Traceback" not in r.stderr + r.stdout
     # truncation is named too
@@ -117,9 +117,9 @@ def test_reshard_two_workers_to_one_and_back(recipe, baseline, tmp_path):
     assert run(["resume", str(run_dir), "resources.cpu_workers=2", "train.micro_batch_size=4"], log) == 0, log.read_text()[-2000:]
 
     got, want = step_records(run_dir), step_records(baseline)
-    assert [r["step"] for r in got] == list(range(1, 31))
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
     ids = [i for r in got for i in r["sample_ids"]]
-    assert len(ids) == len(set(ids)) == 30 * 8  # nothing repeated (30 steps x 8, within one epoch)
+    assert len(ids) == len(set(ids)) == STEPS * 8  # nothing repeated (8 a step, within one epoch)
     assert [r["sample_ids"] for r in got] == [r["sample_ids"] for r in want]  # nothing skipped
     resumes = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"resume"' in x]
     assert [(r["step"], r["world_size"]) for r in resumes] == [(first, 1), (second, 2)]
