@@ -114,8 +114,15 @@ def _all_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def label_count(batch: dict[str, torch.Tensor]) -> int:
+    """Label tokens that contribute to the causal-LM loss: transformers shifts labels by one, so
+    the first position of each row never counts."""
+    return int((batch["labels"][..., 1:] != -100).sum())
+
+
 def evaluate(engine: Any, examples: list[dict], ctx: WorkerContext, recipe: Recipe, pad_id: int) -> float:
-    """Mean loss over the first `train.eval_batches` micro-batches of the eval set, all ranks."""
+    """Token-weighted mean loss (sum of token losses / label tokens) over the first
+    `train.eval_batches` micro-batches of the eval set, all ranks."""
     from launcher.data import collate
 
     micro = recipe.train.micro_batch_size
@@ -129,10 +136,12 @@ def evaluate(engine: Any, examples: list[dict], ctx: WorkerContext, recipe: Reci
     with torch.no_grad():
         for i in range(0, per_rank, micro):
             chunk = mine[i : i + micro]
-            out = engine(**_to(collate(chunk or examples[:1], pad_id=pad_id), ctx.device))
+            batch = _to(collate(chunk or examples[:1], pad_id=pad_id), ctx.device)
+            # num_items_in_batch=1: the loss is the sum over tokens, not their mean
+            out = engine(**batch, num_items_in_batch=1.0)
             if chunk:
                 loss_sum += out.loss.item()
-                n += 1
+                n += label_count(batch)
     engine.train()
     total_loss, total_n = _all_sum([loss_sum, n], ctx.device)
     return total_loss / max(total_n, 1)
@@ -291,29 +300,38 @@ def train(
     step = start_step
     for step in range(start_step + 1, steps + 1):
         step_start = time.time()
-        loss_sum, step_tokens, label_tokens = 0.0, 0, 0
-        step_ids: list[int] = []
+        batches, step_ids = [], []
         for _ in range(t.grad_accum):
-            batch = _to(stream.next(), ctx.device)
+            batches.append(stream.next())
             step_ids += stream.last_ids
-            out = engine(**batch)
+        step_tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                          for b in batches)
+        # Token-weighted loss: every micro-batch contributes sum(token losses) / N, N the label
+        # tokens of the whole global batch. DeepSpeed divides by grad_accum and averages over the
+        # data-parallel ranks, so each micro-batch's loss is scaled by their product.
+        (g_labels,) = _all_sum([float(sum(label_count(b) for b in batches))], ctx.device)
+        g_labels /= recipe.parallelism.pipeline_stages  # every stage of a replica drew the same batches
+        num_items = max(g_labels, 1.0) / (t.grad_accum * data_parallel)
+        loss_sum, plain_norm = 0.0, None
+        for i, batch in enumerate(batches):
+            out = engine(**_to(batch, ctx.device), num_items_in_batch=num_items)
             engine.backward(out.loss)
+            if i == len(batches) - 1 and recipe.parallelism.zero_stage == 0:
+                plain_norm = _plain_grad_norm(engine)  # DeepSpeed reports none without ZeRO
             engine.step()
             loss_sum += out.loss.item()
-            mask = batch.get("attention_mask")
-            step_tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-            label_tokens += int((batch["labels"] != -100).sum())
         deadline = signals.deadline(run_dir)
         # The stop decision rides on the step's all-reduce: every rank stops after the same step.
-        g_loss, g_tokens, g_labels, g_stop = _all_sum(
-            [loss_sum / t.grad_accum, step_tokens, label_tokens, float(deadline is not None)], ctx.device)
+        g_loss, g_tokens, g_stop = _all_sum(
+            [loss_sum / (t.grad_accum * data_parallel), step_tokens, float(deadline is not None)], ctx.device)
+        g_tokens /= recipe.parallelism.pipeline_stages
         tokens_seen += int(g_tokens)
         now = time.time()
         record = {
             "step": step,
-            "loss": g_loss / ctx.world_size,
+            "loss": g_loss,
             "lr": scheduler.get_last_lr()[0],
-            "grad_norm": _grad_norm(engine),
+            "grad_norm": _grad_norm(engine) if plain_norm is None else plain_norm,
             "tokens": tokens_seen,
             "step_tokens": int(g_tokens),
             "label_tokens": int(g_labels),
@@ -442,6 +460,12 @@ def _grad_norm(engine: Any) -> float | None:
     if norm is None:
         return None
     return float(norm.item() if torch.is_tensor(norm) else norm)
+
+
+def _plain_grad_norm(engine: Any) -> float:
+    """Global 2-norm of the (already all-reduced) gradients, before clipping: ZeRO-0 only."""
+    sq = sum(float(p.grad.double().pow(2).sum()) for p in engine.module.parameters() if p.grad is not None)
+    return math.sqrt(sq)
 
 
 def _log_eval(engine, examples, ctx, recipe, pad_id, writer, step) -> float:

@@ -1,0 +1,80 @@
+"""Run `launcher.runtime.train_loop.train` as N gloo ranks on this machine, without Ray.
+
+Used by the token-weighting and pipeline tests: `train_ranks(recipe_dict, run_dir, world=2)`
+starts `python tests/train_spawn.py` once per rank with torchrun-style variables and waits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train_ranks(recipe: dict, run_dir: Path, *, world: int, timeout: float = 600,
+                stop_after_step: int | None = None) -> None:
+    """Train `recipe` (a dict) with `world` ranks into `run_dir`; raise with rank 0's log tail on
+    failure. `stop_after_step`: write `run_dir/.stop` once that step is logged (a preemption)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.json").write_text(json.dumps(recipe))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+               "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+        if stop_after_step is not None:
+            env["_TEST_STOP_AFTER_STEP"] = str(stop_after_step)
+        log = open(run_dir / f"spawn-rank-{rank}.log", "w")
+        procs.append(subprocess.Popen([sys.executable, __file__, str(run_dir)], env=env, cwd=ROOT,
+                                      stdout=log, stderr=subprocess.STDOUT))
+    failed = []
+    for rank, p in enumerate(procs):
+        try:
+            if p.wait(timeout) != 0:
+                failed.append(rank)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            failed.append(rank)
+    if failed:
+        tail = (run_dir / f"spawn-rank-{failed[0]}.log").read_text()[-4000:]
+        raise RuntimeError(f"ranks {failed} failed; rank {failed[0]}'s log ends:\n{tail}")
+
+
+def _worker(run_dir: Path) -> None:
+    from launcher.recipe import from_dict
+    from launcher.runtime.train_loop import train
+
+    recipe = from_dict(json.loads((run_dir / "recipe.json").read_text()))
+    stop_after = os.environ.get("_TEST_STOP_AFTER_STEP")
+    if stop_after is not None and int(os.environ["RANK"]) == 0:
+        import threading
+        import time
+
+        import signal
+
+        from launcher.checkpoint.preempt import request_stop
+
+        def watch() -> None:  # the driver's job in real runs: write the stop file
+            while True:
+                path = run_dir / "metrics.jsonl"
+                if path.exists() and any(json.loads(x).get("step") == int(stop_after)
+                                         for x in path.read_text().splitlines() if x.strip()):
+                    request_stop(run_dir, signal.SIGTERM, 600.0)
+                    return
+                time.sleep(0.01)
+
+        threading.Thread(target=watch, daemon=True).start()
+    train(recipe, run_dir, resume=True)
+
+
+if __name__ == "__main__":
+    _worker(Path(sys.argv[1]))
