@@ -8,12 +8,19 @@
         ...                    DeepSpeed's own shards
       step-00000300.tmp/       being written, or left by a crash: never read, removed on resume
 
+A step directory counts as committed only when its manifest is there AND every file it lists
+is there with the listed size. On object storage (a bucket mounted by SkyPilot) a directory
+rename is a copy, and an upload cut short by a preemption can leave the manifest next to missing
+or partial files; such a directory is skipped by a resume, which falls back to the previous
+committed checkpoint, and removed like a `.tmp` (sizes only: `manifest.verify` compares checksums).
+
 DeepSpeed's own `latest` file is never written (`save_latest=False`): its rank 0 writes it
 before the other ranks have finished.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -44,10 +51,42 @@ class StepDir:
     step: int
     path: Path
     committed: bool
+    problem: str | None = None
+    """Why a directory with a manifest does not count: a listed file missing or of another size."""
+
+
+_COMPLETE: set[tuple[str, int, int]] = set()
+"""Manifests (path, mtime, size) already found complete: a committed checkpoint is stat-ed once
+per process, not at every save's listing."""
+
+
+def incomplete(step_dir: Path) -> str | None:
+    """What is missing from a step directory that has a manifest, or None when every file the
+    manifest lists is there with its size."""
+    manifest = step_dir / MANIFEST
+    try:
+        st = manifest.stat()
+        key = (str(manifest), st.st_mtime_ns, st.st_size)
+        if key in _COMPLETE:
+            return None
+        files = json.loads(manifest.read_text())["files"]
+        items = list(files.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{MANIFEST}: unreadable ({e.__class__.__name__})"
+    for rel, want in items:
+        try:
+            size = (step_dir / rel).stat().st_size
+        except OSError:
+            return f"{rel}: missing"
+        if not isinstance(want, dict) or size != want.get("size"):
+            return f"{rel}: {size} bytes, the manifest lists {want.get('size') if isinstance(want, dict) else want!r}"
+    _COMPLETE.add(key)
+    return None
 
 
 def list_step_dirs(run_dir: Path) -> list[StepDir]:
-    """Every step directory, committed or not (`.tmp`, or renamed but without a manifest)."""
+    """Every step directory, committed or not (`.tmp`, renamed but without a manifest, or with a
+    manifest listing files that are missing or of another size)."""
     root = checkpoints_dir(run_dir)
     if not root.is_dir():
         return []
@@ -60,7 +99,8 @@ def list_step_dirs(run_dir: Path) -> list[StepDir]:
         if step is None:
             continue
         committed = not p.name.endswith(TMP_SUFFIX) and (p / MANIFEST).is_file()
-        out.append(StepDir(step, p, committed))
+        problem = incomplete(p) if committed else None
+        out.append(StepDir(step, p, committed and problem is None, problem))
     return sorted(out, key=lambda s: (s.step, s.committed))
 
 

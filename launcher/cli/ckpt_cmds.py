@@ -87,6 +87,7 @@ def ckpt_list(
             "step": s.step,
             "path": str(s.path),
             "committed": s.committed,
+            "incomplete": s.problem,
             "resume_from": latest is not None and s.path == latest.path,
             "bytes": sum(p.stat().st_size for p in files),
             "mtime": max((p.stat().st_mtime for p in files), default=s.path.stat().st_mtime),
@@ -102,7 +103,8 @@ def ckpt_list(
         table.add_column(col)
     for r in rows:
         table.add_row("*" if r["resume_from"] else "", str(r["step"]), _size(r["bytes"]),
-                      "committed" if r["committed"] else "[yellow]uncommitted[/]", _age(r["mtime"]), r["path"])
+                      "committed" if r["committed"] else ("[red]incomplete[/]" if r["incomplete"] else "[yellow]uncommitted[/]"),
+                      _age(r["mtime"]), r["path"])
     console.print(table)
 
 
@@ -129,7 +131,8 @@ def ckpt_verify(
             raise UserError(f"{path}: no such checkpoint (`launcher ckpt list {run_dir}`)")
         targets = [path]
     else:
-        targets = [s.path for s in list_step_dirs(run_dir) if s.committed]
+        # with those whose manifest lists a missing or short file: a resume skips them, say why
+        targets = [s.path for s in list_step_dirs(run_dir) if s.committed or s.problem]
         if not targets:
             raise UserError(f"{run_dir}: no committed checkpoints to verify")
     results = []

@@ -108,6 +108,11 @@ def run_job(
         if not resume:
             say(f"--no-resume: the earlier run was moved to {set_aside(run_dir)}")
         else:
+            from launcher.checkpoint.layout import list_step_dirs
+
+            for s in list_step_dirs(run_dir):
+                if s.problem:  # a manifest next to missing or partial files (a cut-short upload)
+                    say(f"skipping {s.path.name}, not completely written ({s.problem}); it is removed")
             resume_from = check_resume(run_dir, recipe)
             if resume_from is None:
                 if (run_dir / SUMMARY_FILE).exists():
