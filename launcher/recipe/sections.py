@@ -260,7 +260,15 @@ class ParallelismConfig:
     """Local NVMe directory for `nvme` offload."""
 
     pipeline_stages: int = 1
-    """Pipeline-parallel stages (DeepSpeed pipeline engine; ZeRO 0 or 1 only)."""
+    """Pipeline-parallel stages (DeepSpeed pipeline engine; ZeRO 0 or 1 only): the model's layers
+    are split over this many workers, and the workers are divided into `workers / stages`
+    data-parallel replicas. Llama, Mistral, Qwen2 and GPT-2 models; micro-batches come from
+    `train.grad_accum` (use several per stage to keep the pipeline busy). See docs/pipeline.md."""
+
+    pipeline_partition: Literal["parameters", "layers"] = "parameters"
+    """How layers are assigned to pipeline stages: `parameters` balances the parameter count
+    (embeddings and LM head weigh in), `layers` gives each stage the same number of decoder
+    layers."""
 
     def __post_init__(self) -> None:
         _require(self.zero_stage in (0, 1, 2, 3), "parallelism.zero_stage", "must be 0, 1, 2 or 3")

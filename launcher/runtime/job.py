@@ -59,11 +59,6 @@ def preflight(recipe: Recipe) -> tuple[Any, Any]:
     """Build tokenizer and data here, so that bad input fails before any worker starts."""
     from launcher.data import build_datasets, build_tokenizer
 
-    if recipe.parallelism.pipeline_stages > 1:
-        raise UserError(
-            "parallelism.pipeline_stages > 1 is not supported by this version yet: set "
-            "parallelism.pipeline_stages=1"
-        )
     if recipe.logging.wandb_project:
         try:
             import wandb  # noqa: F401
@@ -73,6 +68,12 @@ def preflight(recipe: Recipe) -> tuple[Any, Any]:
                 "or remove logging.wandb_project"
             ) from None
     tokenizer = build_tokenizer(recipe.tokenizer, recipe.model.name_or_path)
+    if recipe.parallelism.pipeline_stages > 1:
+        from launcher.runtime.model import model_config
+        from launcher.runtime.pipeline import check_stages
+
+        # a supported model family, and no more stages than decoder layers
+        check_stages(model_config(recipe.model, tokenizer), recipe.parallelism.pipeline_stages)
     data = build_datasets(recipe, tokenizer)
     if not data.train:
         raise UserError("the data produced no training examples: check data.path and data.format")

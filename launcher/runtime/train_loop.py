@@ -147,6 +147,36 @@ def evaluate(engine: Any, examples: list[dict], ctx: WorkerContext, recipe: Reci
     return total_loss / max(total_n, 1)
 
 
+def evaluate_pipeline(engine: Any, examples: list[dict], ctx: WorkerContext, recipe: Recipe, pad_id: int) -> float:
+    """`evaluate` through the pipeline engine: each replica (data-parallel rank) evaluates its
+    share as one `eval_batch` of micro-batches; a replica that has run out repeats one example
+    with every label masked, which adds nothing."""
+    from launcher.data import collate
+    from launcher.runtime.pipeline import pipe_micro_batch
+
+    stages = recipe.parallelism.pipeline_stages
+    replicas = ctx.world_size // stages
+    replica = ctx.rank % replicas
+    micro = recipe.train.micro_batch_size
+    cap = micro * recipe.train.eval_batches
+    mine = examples[replica::replicas][:cap]
+    per_rank = min(-(-len(examples) // replicas), cap)
+    batches, n = [], 0
+    for i in range(0, per_rank, micro):
+        chunk = mine[i : i + micro]
+        batch = collate(chunk or examples[:1], pad_id=pad_id)
+        if chunk:
+            n += label_count(batch)
+        else:
+            batch["labels"] = torch.full_like(batch["labels"], -100)
+        batches.append(pipe_micro_batch(batch, 1.0))  # num_items 1: each loss is a sum over tokens
+    # the mean over micro-batches and replicas of the sums, on every rank
+    mean = engine.eval_batch(iter(batches), num_micro_batches=len(batches))
+    (total_n,) = _all_sum([float(n)], ctx.device)
+    engine.module.train()
+    return float(mean) * len(batches) * replicas / max(total_n / stages, 1.0)
+
+
 def generate_samples(
     engine: Any, tokenizer: Any, prompts: list[dict], ctx: WorkerContext, recipe: Recipe
 ) -> list[dict]:
@@ -209,11 +239,27 @@ def train(
         data = build_datasets(recipe, tokenizer)
     pad_id = tokenizer.pad_token_id
 
-    data_parallel = ctx.world_size // recipe.parallelism.pipeline_stages
+    stages = recipe.parallelism.pipeline_stages
+    data_parallel = ctx.world_size // stages
+    # Pipeline ranks are numbered stage-major (PipeDataParallelTopology): stage s, replica d is
+    # rank s * data_parallel + d. Every stage of a replica draws the same micro-batches.
+    dp_rank = ctx.rank % data_parallel
     steps = total_steps(recipe, len(data.train), data_parallel)
     ds_config = build_ds_config(recipe, data_parallel=data_parallel, on_gpu=ctx.on_gpu)
     hf_ds = HfDeepSpeedConfig(ds_config) if recipe.parallelism.zero_stage == 3 else None  # noqa: F841
-    model = build_model(recipe.model, tokenizer, seed=t.seed)
+    if stages > 1:
+        from dataclasses import replace
+
+        from launcher.runtime.pipeline import build_pipeline_module
+
+        # the pipeline checkpoints whole decoder layers itself (activation_checkpoint_interval)
+        hf_model = build_model(replace(recipe.model, gradient_checkpointing=False), tokenizer, seed=t.seed)
+        model = build_pipeline_module(
+            hf_model, stages=stages, partition=recipe.parallelism.pipeline_partition,
+            activation_checkpointing=recipe.model.gradient_checkpointing)
+        del hf_model  # this stage's layers live on in `model`; the others are freed
+    else:
+        model = build_model(recipe.model, tokenizer, seed=t.seed)
     multiplier = lr_multiplier(
         t.schedule, warmup_steps=t.warmup_steps, total_steps=steps, min_ratio=t.min_lr_ratio
     )
@@ -223,10 +269,16 @@ def train(
         config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, multiplier),
     )
+    if stages > 1:
+        assert engine.grid.data_parallel_id == dp_rank and engine.grid.data_parallel_size == data_parallel
+        if recipe.parallelism.zero_stage == 0:
+            from launcher.runtime.pipeline import record_grad_norm
+
+            record_grad_norm(engine)
     sampler = ResumableSampler(
         len(data.train),
         num_replicas=data_parallel,
-        rank=ctx.rank,
+        rank=dp_rank,
         seed=t.seed,
         shuffle=recipe.data.shuffle,
     )
@@ -258,6 +310,10 @@ def train(
     # Under ZeRO-3 each parameter is a placeholder; ds_numel is its full size, ds_tensor this rank's part.
     params_total = sum(getattr(p, "ds_numel", p.numel()) for p in params)
     params_rank0 = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+    if stages > 1:  # each stage holds its layers: count replica 0's, a tied copy once
+        mine = sum(p.numel() for p in params if not getattr(p, "ds_pipe_replicated", False))
+        (params_total,) = _all_sum([float(mine if dp_rank == 0 else 0)], ctx.device)
+        params_total = int(params_total)
     writer = None
     if ctx.rank == 0:
         _truncate_metrics(run_dir, start_step)  # steps after the checkpoint are trained again
@@ -312,19 +368,30 @@ def train(
         (g_labels,) = _all_sum([float(sum(label_count(b) for b in batches))], ctx.device)
         g_labels /= recipe.parallelism.pipeline_stages  # every stage of a replica drew the same batches
         num_items = max(g_labels, 1.0) / (t.grad_accum * data_parallel)
-        loss_sum, plain_norm = 0.0, None
-        for i, batch in enumerate(batches):
-            out = engine(**_to(batch, ctx.device), num_items_in_batch=num_items)
-            engine.backward(out.loss)
-            if i == len(batches) - 1 and recipe.parallelism.zero_stage == 0:
-                plain_norm = _plain_grad_norm(engine)  # DeepSpeed reports none without ZeRO
-            engine.step()
-            loss_sum += out.loss.item()
+        plain_norm = None
+        if stages > 1:
+            from launcher.runtime.pipeline import pipe_micro_batch
+
+            # the mean over micro-batches and replicas of sum(CE) / num_items: sum(CE) / N, on every rank
+            step_loss = engine.train_batch(iter([pipe_micro_batch(b, num_items) for b in batches]))
+            loss_part = step_loss.item() / data_parallel
+            plain_norm = getattr(engine, "launcher_grad_norm", None)
+        else:
+            loss_sum = 0.0
+            for i, batch in enumerate(batches):
+                out = engine(**_to(batch, ctx.device), num_items_in_batch=num_items)
+                engine.backward(out.loss)
+                if i == len(batches) - 1 and recipe.parallelism.zero_stage == 0:
+                    plain_norm = _plain_grad_norm(engine)  # DeepSpeed reports none without ZeRO
+                engine.step()
+                loss_sum += out.loss.item()
+            loss_part = loss_sum / (t.grad_accum * data_parallel)
         deadline = signals.deadline(run_dir)
-        # The stop decision rides on the step's all-reduce: every rank stops after the same step.
-        g_loss, g_tokens, g_stop = _all_sum(
-            [loss_sum / (t.grad_accum * data_parallel), step_tokens, float(deadline is not None)], ctx.device)
-        g_tokens /= recipe.parallelism.pipeline_stages
+        # The stop decision rides on the step's all-reduce (over every rank, all stages): every
+        # rank stops after the same step.
+        g_loss, g_tokens, g_stop = _all_sum([loss_part, step_tokens, float(deadline is not None)], ctx.device)
+        g_loss /= stages
+        g_tokens /= stages
         tokens_seen += int(g_tokens)
         now = time.time()
         record = {
@@ -343,7 +410,8 @@ def train(
         if recipe.logging.sample_ids:
             gathered: list[Any] = [None] * ctx.world_size
             dist.all_gather_object(gathered, step_ids)
-            record["sample_ids"] = sorted(i for ids in gathered for i in ids)
+            # ranks 0 .. data_parallel-1 are the replicas (of stage 0 with a pipeline)
+            record["sample_ids"] = sorted(i for ids in gathered[:data_parallel] for i in ids)
         if writer:
             writer.log(record)
         if g_stop:
@@ -374,6 +442,14 @@ def train(
 
     prompts = [{"prompt": render_prompt(recipe, tokenizer, p)} for p in recipe.sample.prompts]
     prompts += data.eval_prompts[: recipe.sample.from_eval]
+    samples_skipped = 0
+    if prompts and stages > 1:
+        # No rank holds the whole model; the export (checkpoint.export_hf_at_end) is the way to
+        # generate from a pipeline-trained model.
+        print(f"sample: {len(prompts)} generations skipped: a pipeline-parallel model "
+              "(parallelism.pipeline_stages > 1) does not generate; export it and generate from the export",
+              flush=True)
+        samples_skipped, prompts = len(prompts), []
     samples = generate_samples(engine, tokenizer, prompts, ctx, recipe) if prompts else []
     summary = {
         "steps": steps,
@@ -385,6 +461,8 @@ def train(
         "resumed_from_step": start_step if resumed_from is not None else None,
         "peak_memory_bytes": _peak_memory(ctx),
     }
+    if samples_skipped:
+        summary["samples_skipped"] = samples_skipped
     if writer:
         writer.log({"event": "end", **summary})
         writer.close()
@@ -469,7 +547,10 @@ def _plain_grad_norm(engine: Any) -> float:
 
 
 def _log_eval(engine, examples, ctx, recipe, pad_id, writer, step) -> float:
-    loss = evaluate(engine, examples, ctx, recipe, pad_id)
+    if recipe.parallelism.pipeline_stages > 1:
+        loss = evaluate_pipeline(engine, examples, ctx, recipe, pad_id)
+    else:
+        loss = evaluate(engine, examples, ctx, recipe, pad_id)
     if writer:
         writer.log({"step": step, "eval": True, "eval_loss": loss})
     return loss
