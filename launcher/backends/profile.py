@@ -11,12 +11,15 @@ import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import yaml
 
 from launcher.errors import RecipeError, UserError
 from launcher.recipe.convert import build
+
+if TYPE_CHECKING:
+    from launcher.backends.skypilot.profile import SkyPilotProfile
 
 # Values that become `#SBATCH` directives are read by sbatch, not by a shell, and cannot be quoted
 # reliably there; they are restricted to characters Slurm names actually use (no whitespace,
@@ -173,10 +176,22 @@ class ClusterProfile:
             _require(isinstance(value, str), f"env.{name}", f"expected a string, got {value!r}")
 
 
-def profile_from_dict(data: dict, source: str | None = None) -> ClusterProfile:
+BACKENDS = ("slurm", "skypilot")
+
+
+def profile_from_dict(data: dict, source: str | None = None) -> "ClusterProfile | SkyPilotProfile":
+    """A Slurm profile (`ClusterProfile`) or, with `backend: skypilot`, a `SkyPilotProfile`."""
     try:
         if isinstance(data, dict) and isinstance(data.get("env"), dict):
             data = {**data, "env": {k: _env_value(k, v) for k, v in data["env"].items()}}
+        if isinstance(data, dict) and data.get("backend") == "skypilot":
+            from launcher.backends.skypilot.profile import SkyPilotProfile
+
+            return build(SkyPilotProfile, data, "")
+        if isinstance(data, dict) and "backend" in data and data["backend"] not in BACKENDS:
+            raise RecipeError(
+                "backend", f"must be one of {', '.join(repr(b) for b in BACKENDS)}, got {data['backend']!r}"
+            )
         return build(ClusterProfile, data, "")
     except RecipeError as e:
         raise e.with_source(source) if source else e
@@ -188,13 +203,13 @@ def _env_value(key: str, value: object) -> object:
     return str(value) if isinstance(value, (int, float)) else value
 
 
-def load_profile(path: str | Path) -> ClusterProfile:
+def load_profile(path: str | Path) -> "ClusterProfile | SkyPilotProfile":
     """Read and validate a cluster profile; a mistake is a UserError naming the file and key."""
     path = Path(path)
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise UserError(f"{path}: cluster profile not found (see cluster/example-slurm.yaml)") from None
+        raise UserError(f"{path}: cluster profile not found (see cluster/example-slurm.yaml, cluster/example-skypilot.yaml)") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read cluster profile ({e.strerror})") from None
     try:

@@ -1,5 +1,5 @@
 """`launcher submit`, `launcher status`, `launcher logs`, `launcher cancel`: runs on a cluster
-backend (Slurm) and the run registry shared with local runs."""
+backend (Slurm, SkyPilot) and the run registry shared with local runs."""
 
 from __future__ import annotations
 
@@ -22,17 +22,17 @@ def submit(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)],
     overrides: Overrides = None,
     cluster: Annotated[
-        Path, typer.Option("--cluster", help="Cluster profile YAML, e.g. cluster/example-slurm.yaml.", show_default=False)
+        Path, typer.Option("--cluster", help="Cluster profile YAML, e.g. cluster/example-slurm.yaml or cluster/example-skypilot.yaml.", show_default=False)
     ] = ...,  # type: ignore[assignment]
     run_dir: Annotated[
         Optional[Path],
-        typer.Option("--run-dir", help="Run directory on the shared filesystem (default: <runs_root>/<run-id>)."),
+        typer.Option("--run-dir", help="Run directory: on the shared filesystem for Slurm (default: <runs_root>/<run-id>); the local record for SkyPilot (default: runs/<run-id>)."),
     ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the job script and the estimate; submit nothing.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Submit even when the estimate says it does not fit.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """Submit a recipe to a cluster (Slurm): N nodes, Ray across them, preemption-safe.
+    """Submit a recipe to a cluster (Slurm, or cloud GPUs through SkyPilot): N nodes, Ray across them, preemption-safe.
 
     The job checkpoints on Slurm's warning signal, requeues itself and resumes from its latest
     committed checkpoint. Secrets (HF_TOKEN, WANDB_API_KEY, ...) pass through your environment.
@@ -46,6 +46,9 @@ def submit(
 
     r = load_recipe(recipe, overrides or [])
     profile = load_profile(cluster)
+    if profile.backend == "skypilot":
+        _submit_skypilot(r, profile, recipe, cluster, run_dir, dry_run=dry_run, force=force, as_json=as_json)
+        return
     sub = slurm.plan(r, profile, run_dir=run_dir)
     est, est_text = _estimate_safe(r, profile, cluster)
     out = console if not as_json else None
@@ -77,12 +80,55 @@ def submit(
               highlight=False, markup=False)
 
 
+def _submit_skypilot(r: Any, profile: Any, recipe: Path, cluster: Path, run_dir: Path | None, *, dry_run: bool,
+                     force: bool, as_json: bool) -> None:
+    from launcher.backends.skypilot import launch as sky_launch
+    from launcher.runs import Registry
+
+    sub = sky_launch.plan(r, profile, run_dir=run_dir)
+    est, est_text = _estimate_safe(r, profile, cluster)
+    if dry_run:
+        if as_json:
+            print(json.dumps({
+                "run_id": sub.run_id, "run_dir": str(sub.local_dir), "launch": sub.verb, "task": sub.task.config,
+                "estimate": est.to_json() if est is not None else None,
+            }, indent=2))
+        else:
+            print(f"# run {sub.run_id} -> {sub.local_dir}")
+            print(f"# {sub.verb}; secrets from your environment: {', '.join(sub.task.secret_names)}")
+            print(sub.task.yaml, end="")
+            print(est_text)
+        return
+    if est is not None and est.fits is False and not force:
+        print(est_text, file=sys.stderr)
+        raise UserError("the estimate says this recipe does not fit the profile's GPUs: fix the recipe, or --force")
+    sky_launch.submit(sub, r, profile, Registry(), recipe_path=str(recipe), cluster_path=str(cluster))
+    if as_json:
+        print(json.dumps({"run_id": sub.run_id, "run_dir": str(sub.local_dir), "job_id": sub.job_id,
+                          "managed": sub.managed, "cluster": sub.cluster,
+                          "estimate": est.to_json() if est is not None else None}))
+        return
+    console.print(est_text, highlight=False, markup=False)
+    what = f"managed job {sub.job_id}" if sub.managed else f"job {sub.job_id} on cluster {sub.cluster}"
+    console.print(f"submitted [bold]{sub.run_id}[/] as SkyPilot {what}", highlight=False)
+    console.print(f"run dir: {sub.local_dir}\nfollow:  launcher status {sub.run_id}  |  launcher logs {sub.run_id} -f",
+                  highlight=False, markup=False)
+
+
 def _estimate_safe(recipe: Any, profile: Any, cluster: Path) -> tuple[Any, str]:
     try:
         from launcher.estimate import estimate_recipe, format_estimate
     except ImportError:
         return None, "estimate: unavailable (launcher.estimate is not part of this version yet)"
     r = recipe.resources
+    if profile.backend == "skypilot":
+        from launcher.backends.skypilot.launch import estimator_gpu
+
+        est = estimate_recipe(recipe, gpu=r.gpu or estimator_gpu(profile), nodes=r.nodes,
+                              gpus_per_node=r.gpus_per_node or profile.gpus_per_node)
+        if profile.clouds:  # the cost rows of the clouds the profile allows
+            est.costs = [c for c in est.costs if c.cloud.lower() in profile.clouds]
+        return est, format_estimate(est)
     est = estimate_recipe(
         recipe,
         gpu=r.gpu or profile.gpu,
@@ -92,6 +138,19 @@ def _estimate_safe(recipe: Any, profile: Any, cluster: Path) -> tuple[Any, str]:
         onprem_name=cluster.stem,
     )
     return est, format_estimate(est)
+
+
+def _refresh(run: Any, registry: Any) -> Any:
+    """Ask the run's backend for news (local runs are kept up to date by their own process)."""
+    if run.backend == "slurm":
+        from launcher.backends.slurm.submit import refresh
+
+        return refresh(run, registry)
+    if run.backend == "skypilot":
+        from launcher.backends.skypilot.launch import refresh as sky_refresh
+
+        return sky_refresh(run, registry)
+    return run
 
 
 def _fmt_time(t: float | None) -> str:
@@ -119,12 +178,11 @@ def status(
 
     Example: launcher status    |    launcher status tiny-sft-20250101-120000-ab12 --json
     """
-    from launcher.backends.slurm.submit import refresh
     from launcher.runs import Registry
 
     registry = Registry()
     runs = [registry.find(run_id)] if run_id else registry.list(limit)
-    runs = [refresh(r, registry) for r in runs]
+    runs = [_refresh(r, registry) for r in runs]
     if as_json:
         items = []
         for r in runs:
@@ -174,11 +232,19 @@ def logs(
 
     Example: launcher logs tiny-sft-20250101-120000-ab12 -f
     """
-    from launcher.backends.slurm.submit import output_file, refresh
+    from launcher.backends.slurm.submit import output_file
     from launcher.runs import TERMINAL, Registry
 
     registry = Registry()
     run = registry.find(run_id)
+    if run.backend == "skypilot":
+        from launcher.backends.skypilot.launch import logs as sky_logs
+
+        code = sky_logs(run, follow=follow)
+        _refresh(run, registry)
+        if code:
+            raise typer.Exit(code if code < 126 else 1)
+        return
     path = output_file(run) if run.backend == "slurm" else Path(run.run_dir) / "logs" / "rank-0.log"
     pos = 0
     while True:
@@ -193,7 +259,7 @@ def logs(
             raise UserError(f"{path}: no log yet (status: {run.status})")
         if not follow:
             return
-        run = refresh(run, registry)
+        run = _refresh(run, registry)
         if run.status in TERMINAL:
             time.sleep(0.5)
             follow = False  # print what the last moment wrote, then stop
@@ -214,9 +280,15 @@ def cancel(
 
     registry = Registry()
     run = registry.find(run_id)
-    if run.backend != "slurm":
+    if run.backend not in ("slurm", "skypilot"):
         raise UserError(f"{run.run_id} is a {run.backend} run: stop it where it runs (Ctrl-C)")
     if run.status in TERMINAL:
         raise UserError(f"{run.run_id} already ended ({run.status})")
+    if run.backend == "skypilot":
+        from launcher.backends.skypilot.launch import cancel as sky_cancel
+
+        run = sky_cancel(run, registry)
+        console.print(f"cancelled {run.run_id} (SkyPilot job {run.job_ids[-1]})", highlight=False)
+        return
     run = slurm_cancel(run, registry)
     console.print(f"cancelled {run.run_id} (Slurm job {','.join(run.job_ids)})", highlight=False)
