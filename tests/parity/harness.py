@@ -33,16 +33,19 @@ COLLECTIVE_TIMEOUT_S = 180
 
 @dataclass
 class CellResult:
+    """One cell's comparison; `via` is "spawn" (train() in ranks started here) or "cli"."""
+
     cell: Cell
     status: str  # "pass", "FAIL" or "not run"
     loss_dev: float | None = None
     weight_dev: float | None = None
     problems: list[str] = field(default_factory=list)
     seconds: float | None = None
+    via: str = "spawn"
 
     def row(self) -> dict[str, Any]:
         return {**asdict(self.cell), "status": self.status, "max_rel_loss_dev": self.loss_dev,
-                "max_abs_weight_dev": self.weight_dev, "problems": self.problems, "seconds": self.seconds}
+                "max_abs_weight_dev": self.weight_dev, "problems": self.problems, "seconds": self.seconds, "via": self.via}
 
 
 @dataclass
@@ -234,13 +237,50 @@ def run_cells(cells: list[Cell], prep: Prepared, ref) -> list[CellResult]:
 
 
 def format_table(results: list[CellResult]) -> str:
-    head = f"{'cell':<16}{'world':>6}{'zero':>5}{'pp':>4}{'ga':>4}{'micro':>6}  {'max rel loss dev':>16}  {'max abs weight dev':>18}  result"
+    head = f"{'cell':<22}{'world':>6}{'zero':>5}{'pp':>4}{'ga':>4}{'micro':>6}  {'max rel loss dev':>16}  {'max abs weight dev':>18}  result"
     lines = [head, "-" * len(head)]
     for r in results:
         c = r.cell
         loss = f"{r.loss_dev:.2e}" if r.loss_dev is not None else "-"
         weight = f"{r.weight_dev:.2e}" if r.weight_dev is not None else "-"
         status = r.status + (f": {'; '.join(r.problems)}" if r.problems else "")
-        lines.append(f"{c.name:<16}{c.world:>6}{c.zero:>5}{c.pp:>4}{c.ga:>4}{c.micro:>6}  {loss:>16}  {weight:>18}  {status}")
+        name = c.name if r.via == "spawn" else f"{c.name} ({r.via})"
+        lines.append(f"{name:<22}{c.world:>6}{c.zero:>5}{c.pp:>4}{c.ga:>4}{c.micro:>6}  {loss:>16}  {weight:>18}  {status}")
     lines.append(f"tolerances: loss {LOSS_RTOL:.0e} relative per step, weights {WEIGHT_ATOL:.0e} absolute")
     return "\n".join(lines)
+
+
+CLI_CELL = "w2-z3-ga4"
+"""The cell also trained through `launcher run` (Ray Train workers), the path users take."""
+
+
+def run_cli(cell: Cell, prep: Prepared, timeout: float = SPAWN_TIMEOUT_S) -> CellResult:
+    """Train `cell` with `launcher run` in a subprocess and compare it like the spawned cells."""
+    from launcher.recipe import from_dict, to_yaml
+
+    path = prep.workdir / f"cli-{cell.name}.yaml"
+    path.write_text(to_yaml(from_dict(recipe_dict(cell, prep.model_dir))))
+    run_dir = prep.workdir / "runs" / f"cli-{cell.name}"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env.setdefault("LAUNCHER_STATE_DIR", str(prep.workdir / "state"))  # not the user's run registry
+    start = time.time()
+    with open(prep.workdir / f"cli-{cell.name}.log", "w") as log:
+        proc = subprocess.run([sys.executable, "-m", "launcher", "run", str(path), "--run-dir", str(run_dir)],
+                              cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+    if proc.returncode != 0:
+        tail = (prep.workdir / f"cli-{cell.name}.log").read_text().strip().splitlines()[-3:]
+        return CellResult(cell, "FAIL", problems=[f"launcher run exited {proc.returncode}: {' | '.join(tail)}"])
+    result = compare(cell, run_dir, prep_reference(prep))
+    result.via = "cli"
+    result.seconds = round(time.time() - start, 1)
+    return result
+
+
+_REFERENCES: dict[Path, Any] = {}
+
+
+def prep_reference(prep: Prepared):
+    """The token-weighted fp32 reference for `prep`, trained once per work directory."""
+    if prep.workdir not in _REFERENCES:
+        _REFERENCES[prep.workdir] = reference(prep)
+    return _REFERENCES[prep.workdir]
