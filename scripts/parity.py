@@ -1,0 +1,75 @@
+#!/usr/bin/env python
+"""Loss parity across parallel layouts: print a table of the largest deviation per cell.
+
+Trains the tiny model with an independent PyTorch loop (the reference) and with the launcher's
+worker function under ZeRO 0-3 x world 1, 2 x grad_accum 1, 4, and pipeline 2 stages (x 2
+data-parallel); compares per-step losses and final fp32 weights. Exit 1 unless every selected
+cell passes (a cell the launcher refuses is "not run" and counts as a failure). See docs/parity.md.
+
+    .venv/bin/python scripts/parity.py                     # every cell
+    .venv/bin/python scripts/parity.py --cells w1-z3,pp2   # names containing w1-z3 or pp2
+    .venv/bin/python scripts/parity.py --cli --json        # also one cell via `launcher run`
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# the harness lives with the tests (tests/parity); this file's own name must not shadow it
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cells", help="comma-separated substrings of cell names (default: all), e.g. w2-z3,pp2")
+    ap.add_argument("--cli", action="store_true", help=f"also train one cell through `launcher run` (Ray)")
+    ap.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    ap.add_argument("--workdir", type=Path, help="keep the model, runs and logs here (default: a temp dir)")
+    ap.add_argument("--list", action="store_true", help="list the cells and exit")
+    args = ap.parse_args(argv)
+
+    from parity import harness
+    from parity.cells import CELLS, select
+
+    if args.list:
+        for c in CELLS:
+            print(f"{c.name:<16} world {c.world} zero {c.zero} pp {c.pp} ga {c.ga} micro {c.micro}")
+        return 0
+    try:
+        cells = select([p for p in (args.cells or "").split(",") if p])
+    except ValueError as e:
+        print(f"parity: {e}", file=sys.stderr)
+        return 2
+    tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="parity-")
+    workdir = args.workdir or Path(tmp.name)
+    start = time.time()
+    try:
+        prep = harness.prepare(workdir)
+        ref = harness.prep_reference(prep)
+        results = harness.run_cells(cells, prep, ref)
+        if args.cli:
+            cli_cell = next(c for c in CELLS if c.name == harness.CLI_CELL)
+            results.append(harness.run_cli(cli_cell, prep))
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    ok = all(r.status == "pass" for r in results)
+    if args.json:
+        print(json.dumps({"loss_rtol": harness.LOSS_RTOL, "weight_atol": harness.WEIGHT_ATOL,
+                          "reference_losses": ref.losses, "cells": [r.row() for r in results],
+                          "ok": ok, "seconds": round(time.time() - start, 1)}, indent=2))
+    else:
+        print(harness.format_table(results))
+        print(f"{sum(r.status == 'pass' for r in results)}/{len(results)} cells pass "
+              f"({time.time() - start:.0f} s)")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
