@@ -16,11 +16,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def train_ranks(recipe: dict, run_dir: Path, *, world: int, timeout: float = 600,
-                stop_after_step: int | None = None) -> None:
-    """Train `recipe` (a dict) with `world` ranks into `run_dir`; raise with rank 0's log tail on
-    failure. `stop_after_step`: write `run_dir/.stop` once that step is logged (a preemption)."""
+def train_ranks(recipe: dict, run_dir: Path, *, world: int, timeout: float = 600, stop: bool = False) -> None:
+    """Train `recipe` (a dict) with `world` ranks into `run_dir` (resuming from its newest
+    checkpoint, if any); raise with the failing rank's log tail. `stop`: a stop request (what the
+    driver writes on SIGTERM) is there from the start, so every rank stops after step 1 of this
+    leg, saves and returns; without, a leftover request is cleared first (as the driver does)."""
+    from launcher.checkpoint import preempt
+
     run_dir.mkdir(parents=True, exist_ok=True)
+    preempt.clear(run_dir)
+    if stop:
+        import signal
+
+        preempt.request_stop(run_dir, signal.SIGTERM, 600.0)
     (run_dir / "recipe.json").write_text(json.dumps(recipe))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -30,8 +38,6 @@ def train_ranks(recipe: dict, run_dir: Path, *, world: int, timeout: float = 600
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-        if stop_after_step is not None:
-            env["_TEST_STOP_AFTER_STEP"] = str(stop_after_step)
         log = open(run_dir / f"spawn-rank-{rank}.log", "w")
         procs.append(subprocess.Popen([sys.executable, __file__, str(run_dir)], env=env, cwd=ROOT,
                                       stdout=log, stderr=subprocess.STDOUT))
@@ -54,25 +60,6 @@ def _worker(run_dir: Path) -> None:
     from launcher.runtime.train_loop import train
 
     recipe = from_dict(json.loads((run_dir / "recipe.json").read_text()))
-    stop_after = os.environ.get("_TEST_STOP_AFTER_STEP")
-    if stop_after is not None and int(os.environ["RANK"]) == 0:
-        import threading
-        import time
-
-        import signal
-
-        from launcher.checkpoint.preempt import request_stop
-
-        def watch() -> None:  # the driver's job in real runs: write the stop file
-            while True:
-                path = run_dir / "metrics.jsonl"
-                if path.exists() and any(json.loads(x).get("step") == int(stop_after)
-                                         for x in path.read_text().splitlines() if x.strip()):
-                    request_stop(run_dir, signal.SIGTERM, 600.0)
-                    return
-                time.sleep(0.01)
-
-        threading.Thread(target=watch, daemon=True).start()
     train(recipe, run_dir, resume=True)
 
 

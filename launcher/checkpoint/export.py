@@ -98,6 +98,11 @@ def export_checkpoint(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out}: already exists and is not empty: choose a new --out directory or delete it")
 
+    from launcher.checkpoint.zero_reader import pipeline_layer_files
+
+    if pipeline_layer_files(step_dir):
+        return _export_pipeline(step_dir, out, recipe=recipe, dtype=dtype, max_shard_size=max_shard_size,
+                                progress=progress, start=start)
     meta = read_meta(step_dir)
     buffers = read_buffers(step_dir)
     # Tensors in model order. A tied alias (meta.shared_params) shares its source's data in the
@@ -126,17 +131,7 @@ def export_checkpoint(
     )
     writer.start()
     try:
-        if not hasattr(recipe, "model"):
-            from launcher.recipe import load_recipe
-
-            recipe = load_recipe(recipe)
-        from transformers import GenerationConfig
-
-        from launcher.data import build_tokenizer
-        from launcher.runtime.model import model_config
-
-        tokenizer = build_tokenizer(recipe.tokenizer, recipe.model.name_or_path)
-        config = model_config(recipe.model, tokenizer)
+        recipe, config, tokenizer = _recipe_config(recipe)
         _check_matches(meta, config, shapes, step_dir)
     except BaseException:
         writer.join()
@@ -148,16 +143,7 @@ def export_checkpoint(
         raise failure[0]
 
     n_params = sum(torch.Size(meta.param_shapes[n]).numel() for n in meta.param_shapes)
-    write_index(out, dict(zip(files, plan)), total_parameters=n_params)
-    config.dtype = target
-    config.save_pretrained(out)
-    try:
-        gen = GenerationConfig.from_model_config(config)
-        if gen.to_diff_dict():
-            gen.save_pretrained(out)
-    except (ValueError, TypeError):
-        pass  # a config that makes no valid generation config: from_pretrained uses defaults
-    tokenizer.save_pretrained(out)
+    _write_config(out, files, plan, n_params, config, target, tokenizer)
     return {
         "step_dir": str(step_dir),
         "out": str(out),
@@ -172,6 +158,105 @@ def export_checkpoint(
         "global_steps": meta.global_steps,
         "seconds": round(time.perf_counter() - start, 3),
     }
+
+
+def _export_pipeline(step_dir: Path, out: Path, *, recipe: Any, dtype: str, max_shard_size: str | int,
+                     progress: Progress | None, start: float) -> dict[str, Any]:
+    """Export a pipeline-parallel checkpoint: every `layer_XX` file's tensors under their Hugging
+    Face names (`launcher.runtime.pipeline.pipeline_layers`); a tied LM head is not written (the
+    pipeline saves none: `from_pretrained` ties it to the embedding again)."""
+    from types import SimpleNamespace
+
+    from launcher.checkpoint.zero_reader import pipeline_layer_files, read_pipeline_layer
+    from launcher.runtime.pipeline import hf_state_name, pipeline_layers
+
+    target = EXPORT_DTYPES[dtype]
+    recipe, config, tokenizer = _recipe_config(recipe)
+    layers = pipeline_layers(config)
+    files_by_layer = pipeline_layer_files(step_dir)
+    wanted = [i for i, layer in enumerate(layers) if not layer.tied]
+    if sorted(files_by_layer) != wanted:
+        raise UserError(
+            f"{step_dir}: has pipeline layer files {sorted(files_by_layer)} but the recipe's model has "
+            f"layers {wanted}: export with the recipe the checkpoint was trained with"
+        )
+    names: dict[str, tuple[str, int]] = {}  # hf name -> (key in the layer file, layer)
+    specs = []
+    for i in wanted:
+        for key, t in read_pipeline_layer(files_by_layer[i]).items():
+            hf = hf_state_name(layers[i], key)
+            if hf is None or hf in names:
+                continue
+            names[hf] = (key, i)
+            specs.append(TensorSpec(hf, tuple(t.shape), target if t.is_floating_point() else t.dtype))
+    shapes = {s.name: s.shape for s in specs}
+    shared = {"lm_head.weight": layers[0].hf_prefix + "weight"} if any(layer.tied for layer in layers) else {}
+    _check_matches(SimpleNamespace(shared_params=shared, param_shapes=shapes), config, shapes, step_dir)
+
+    plan = plan_shards(specs, max_shard_size)
+    files = shard_names(len(plan))
+    total = sum(s.nbytes for s in specs)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        done, cache = 0, {}
+        for fname, shard in zip(files, plan):
+            with ShardWriter(out / fname, shard) as w:
+                for spec in shard:
+                    key, i = names[spec.name]
+                    if i not in cache:  # one layer's file mapped at a time
+                        cache = {i: read_pipeline_layer(files_by_layer[i])}
+                    t = cache[i][key]
+                    w.write(spec.name, t.to(spec.dtype) if t.dtype != spec.dtype else t)
+                    done += spec.nbytes
+                    if progress:
+                        progress(done, total)
+        del cache
+    except BaseException:
+        _remove(out, created, files)
+        raise
+    n_params = sum(torch.Size(s.shape).numel() for s in specs)
+    _write_config(out, files, plan, n_params, config, target, tokenizer)
+    return {
+        "step_dir": str(step_dir),
+        "out": str(out),
+        "dtype": dtype,
+        "files": files + [INDEX_FILE],
+        "tensors": len(specs),
+        "params": n_params,
+        "total_bytes": total,
+        "tied_embeddings": _tied(config),
+        "pipeline_stages": getattr(recipe.parallelism, "pipeline_stages", None),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
+def _recipe_config(recipe: Any) -> tuple[Any, Any, Any]:
+    if not hasattr(recipe, "model"):
+        from launcher.recipe import load_recipe
+
+        recipe = load_recipe(recipe)
+    from launcher.data import build_tokenizer
+    from launcher.runtime.model import model_config
+
+    tokenizer = build_tokenizer(recipe.tokenizer, recipe.model.name_or_path)
+    return recipe, model_config(recipe.model, tokenizer), tokenizer
+
+
+def _write_config(out: Path, files: list[str], plan: Any, n_params: int, config: Any, target: torch.dtype,
+                  tokenizer: Any) -> None:
+    from transformers import GenerationConfig
+
+    write_index(out, dict(zip(files, plan)), total_parameters=n_params)
+    config.dtype = target
+    config.save_pretrained(out)
+    try:
+        gen = GenerationConfig.from_model_config(config)
+        if gen.to_diff_dict():
+            gen.save_pretrained(out)
+    except (ValueError, TypeError):
+        pass  # a config that makes no valid generation config: from_pretrained uses defaults
+    tokenizer.save_pretrained(out)
 
 
 def _write_shards(step_dir, out, files, plan, buffers, progress, total, remap_bytes, failure) -> None:
