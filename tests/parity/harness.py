@@ -24,6 +24,9 @@ from parity.cells import GLOBAL_BATCH, ROOT, STEPS, TRAIN, Cell, recipe_dict
 LOSS_RTOL = 1e-5
 """Largest relative deviation of any step's loss from the reference's."""
 
+GRAD_NORM_RTOL = 1e-5
+"""Largest relative deviation of any step's logged (pre-clip, global) gradient norm."""
+
 WEIGHT_ATOL = 2e-5
 """Largest absolute deviation of any final weight from the reference's (see docs/parity.md)."""
 
@@ -39,13 +42,15 @@ class CellResult:
     status: str  # "pass", "FAIL" or "not run"
     loss_dev: float | None = None
     weight_dev: float | None = None
+    grad_norm_dev: float | None = None
     problems: list[str] = field(default_factory=list)
     seconds: float | None = None
     via: str = "spawn"
 
     def row(self) -> dict[str, Any]:
         return {**asdict(self.cell), "status": self.status, "max_rel_loss_dev": self.loss_dev,
-                "max_abs_weight_dev": self.weight_dev, "problems": self.problems, "seconds": self.seconds, "via": self.via}
+                "max_abs_weight_dev": self.weight_dev,
+                "max_rel_grad_norm_dev": self.grad_norm_dev, "problems": self.problems, "seconds": self.seconds, "via": self.via}
 
 
 @dataclass
@@ -187,6 +192,12 @@ def compare(cell: Cell, run_dir: Path, ref) -> CellResult:
     if [r["step"] for r in records] != list(range(1, STEPS + 1)):
         return CellResult(cell, "FAIL", problems=[f"steps logged: {[r['step'] for r in records]}"])
     loss_dev = max(abs(r["loss"] - x) / abs(x) for r, x in zip(records, ref.losses))
+    norms = [r.get("grad_norm") for r in records]
+    grad_norm_dev = None
+    if None not in norms:  # the launcher logs the global norm before clipping, like the reference
+        grad_norm_dev = max(abs(g - x) / abs(x) for g, x in zip(norms, ref.grad_norms))
+        if grad_norm_dev > GRAD_NORM_RTOL:
+            problems.append(f"gradient norm deviates by {grad_norm_dev:.2e} relative (tolerance {GRAD_NORM_RTOL:.0e})")
     for r, ids in zip(records, ref.sample_ids):
         if r.get("sample_ids") != ids:
             problems.append(f"step {r['step']} trained samples {r.get('sample_ids')}, not {ids}")
@@ -211,7 +222,7 @@ def compare(cell: Cell, run_dir: Path, ref) -> CellResult:
         problems.append(f"loss deviates by {loss_dev:.2e} relative (tolerance {LOSS_RTOL:.0e})")
     if weight_dev is not None and weight_dev > WEIGHT_ATOL:
         problems.append(f"weights deviate by {weight_dev:.2e} (tolerance {WEIGHT_ATOL:.0e})")
-    return CellResult(cell, "FAIL" if problems else "pass", loss_dev, weight_dev, problems)
+    return CellResult(cell, "FAIL" if problems else "pass", loss_dev, weight_dev, grad_norm_dev, problems)
 
 
 def run_cells(cells: list[Cell], prep: Prepared, ref) -> list[CellResult]:
@@ -237,16 +248,18 @@ def run_cells(cells: list[Cell], prep: Prepared, ref) -> list[CellResult]:
 
 
 def format_table(results: list[CellResult]) -> str:
-    head = f"{'cell':<22}{'world':>6}{'zero':>5}{'pp':>4}{'ga':>4}{'micro':>6}  {'max rel loss dev':>16}  {'max abs weight dev':>18}  result"
+    head = f"{'cell':<22}{'world':>6}{'zero':>5}{'pp':>4}{'ga':>4}{'micro':>6}  {'max rel loss dev':>16}  {'max abs weight dev':>18}  {'max rel gnorm dev':>17}  result"
     lines = [head, "-" * len(head)]
     for r in results:
         c = r.cell
         loss = f"{r.loss_dev:.2e}" if r.loss_dev is not None else "-"
         weight = f"{r.weight_dev:.2e}" if r.weight_dev is not None else "-"
+        gnorm = f"{r.grad_norm_dev:.2e}" if r.grad_norm_dev is not None else "-"
         status = r.status + (f": {'; '.join(r.problems)}" if r.problems else "")
         name = c.name if r.via == "spawn" else f"{c.name} ({r.via})"
-        lines.append(f"{name:<22}{c.world:>6}{c.zero:>5}{c.pp:>4}{c.ga:>4}{c.micro:>6}  {loss:>16}  {weight:>18}  {status}")
-    lines.append(f"tolerances: loss {LOSS_RTOL:.0e} relative per step, weights {WEIGHT_ATOL:.0e} absolute")
+        lines.append(f"{name:<22}{c.world:>6}{c.zero:>5}{c.pp:>4}{c.ga:>4}{c.micro:>6}  {loss:>16}  {weight:>18}  {gnorm:>17}  {status}")
+    lines.append(f"tolerances: loss {LOSS_RTOL:.0e} and gradient norm {GRAD_NORM_RTOL:.0e} relative per step, "
+                 f"final weights {WEIGHT_ATOL:.0e} absolute")
     return "\n".join(lines)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 def main(spec_path: str) -> int:
     import torch.distributed as dist
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
 
     from launcher.data import build_datasets, build_tokenizer
     from launcher.recipe import from_dict
@@ -43,7 +44,12 @@ def main(spec_path: str) -> int:
             failed += 1
             (run_dir / f"error-rank-{rank}.txt").write_text(traceback.format_exc())
             print(f"[rank {rank}] cell {cell['name']} failed:\n{traceback.format_exc()}", file=sys.stderr)
-        gc.collect()  # drops the cell's HfDeepSpeedConfig (a weak global in transformers)
+        # The cell's HfDeepSpeedConfig is a weak global in transformers: once train() returns it
+        # must be gone, or the next (non-ZeRO-3) cell would build its model inside zero.Init.
+        gc.collect()
+        if is_deepspeed_zero3_enabled():
+            print(f"[rank {rank}] ZeRO-3 still enabled after cell {cell['name']}: unset", file=sys.stderr)
+            unset_hf_deepspeed_config()
         try:
             dist.barrier()
         except Exception:  # noqa: BLE001 - the group is broken; later cells will say so
