@@ -1,6 +1,8 @@
 # The two commands of the README. Each sets up .venv itself (scripts/setup-env.sh).
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# SkyPilot's own venv (scripts/setup-env.sh): its click pin conflicts with .venv's packages
+SKY_PY := .venv-sky/bin/python
 DEMO_DIR ?= runs/tiny-sft-demo
 
 .PHONY: setup demo test test-fast docs bench clean
@@ -17,6 +19,8 @@ demo: setup
 # tests fail (cluster/dev/slurm-up.sh installs Debian's slurm + munge when missing); one that was
 # already running is left running.
 # LAUNCHER_REQUIRE_SLURM=1: the Slurm tests fail instead of skipping if it did not come up.
+# SkyPilot's parser tests are skipped in .venv (no SkyPilot there) and run again in .venv-sky,
+# where LAUNCHER_REQUIRE_SKYPILOT=1 makes a missing SkyPilot a failure.
 SLURM_DIR ?= /tmp/launcher-slurm
 
 test: setup
@@ -24,6 +28,8 @@ test: setup
 	was_up=0; [ -f $$SLURM_CONF ] && timeout 5 sinfo -h >/dev/null 2>&1 && was_up=1; \
 	bash cluster/dev/slurm-up.sh >/dev/null; up=$$?; \
 	LAUNCHER_REQUIRE_SLURM=1 $(PY) -m pytest -q; rc=$$?; \
+	echo "SkyPilot's task parser on the rendered tasks ($(SKY_PY)):"; \
+	LAUNCHER_REQUIRE_SKYPILOT=1 $(SKY_PY) -m pytest -q -p no:cacheprovider tests/test_skypilot_render.py -k own_parser || rc=1; \
 	[ $$was_up = 1 ] || bash cluster/dev/slurm-down.sh; \
 	if [ $$up -ne 0 ]; then echo "make test: the local Slurm did not come up (see above)"; exit 1; fi; \
 	exit $$rc
@@ -38,4 +44,4 @@ bench: setup
 	$(PY) benchmarks/bench_overhead.py
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache .venv-sky
