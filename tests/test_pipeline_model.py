@@ -140,3 +140,61 @@ def test_unsupported_family_is_refused_naming_the_key():
     with pytest.raises(UserError, match="pipeline_stages"):
         pipeline_layers(AutoConfig.for_model("opt"))
     assert pipeline_layers(AutoConfig.for_model(**CONFIGS["gpt2"]))[1] == PipeLayer("positions", "transformer.wpe.")
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_zero_2_and_3_with_a_pipeline_are_refused_at_validation(tmp_path, zero):
+    """`launcher recipes validate` exits 2 with one line naming parallelism.zero_stage and the fix."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    recipe = tmp_path / "pp.yaml"
+    recipe.write_text(
+        f"defaults: [{ROOT}/recipes/examples/tiny-sft.yaml]\nname: pp\n"
+        f"parallelism: {{zero_stage: {zero}, pipeline_stages: 2}}\n"
+    )
+    res = subprocess.run([sys.executable, "-m", "launcher", "recipes", "validate", str(recipe)],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 2
+    out = res.stdout + res.stderr
+    assert "parallelism.zero_stage" in out and "zero_stage=1" in out
+
+
+def test_pipeline_partition_is_checked_and_documented():
+    from conftest import tiny_recipe_dict
+    from launcher.errors import RecipeError
+    from launcher.recipe import from_dict
+
+    d = tiny_recipe_dict(parallelism={"zero_stage": 1, "pipeline_stages": 2, "pipeline_partition": "layer"},
+                         resources={"cpu_workers": 2})
+    with pytest.raises(RecipeError, match="pipeline_partition"):
+        from_dict(d)
+    d["parallelism"]["pipeline_partition"] = "layers"
+    assert from_dict(d).parallelism.pipeline_partition == "layers"
+
+
+def test_preflight_refuses_more_stages_than_layers_and_unsupported_models():
+    from conftest import tiny_recipe_dict
+    from launcher.errors import UserError
+    from launcher.recipe import from_dict
+    from launcher.runtime.job import preflight
+
+    d = tiny_recipe_dict(parallelism={"zero_stage": 1, "pipeline_stages": 4}, resources={"cpu_workers": 4})
+    with pytest.raises(UserError, match="parallelism.pipeline_stages to at most 2"):
+        preflight(from_dict(d))  # the tiny recipe's model has 2 decoder layers
+    d["parallelism"]["pipeline_stages"] = 2
+    d["model"]["config"] = {"model_type": "opt", "hidden_size": 64, "num_hidden_layers": 2,
+                            "num_attention_heads": 4, "ffn_dim": 128, "word_embed_proj_dim": 64}
+    with pytest.raises(UserError, match="supports model types llama, mistral, qwen2, gpt2"):
+        preflight(from_dict(d))
+
+
+def test_resume_with_another_stage_or_worker_count_is_refused():
+    from launcher.checkpoint.reshard import reshard_problem
+
+    saved = {"world_size": 4, "data_parallel": 2, "zero_stage": 1, "pipeline_stages": 2}
+    assert reshard_problem(saved, dict(saved)) is None
+    assert "set parallelism.pipeline_stages back" in reshard_problem(saved, {**saved, "pipeline_stages": 1})
+    assert "same number of workers" in reshard_problem(saved, {**saved, "world_size": 2, "data_parallel": 1})
