@@ -94,7 +94,11 @@ def _engine_worker(run_dir: Path, stage: int, tied: bool) -> None:
     if rank == 0:
         torch.save(ref, run_dir / "engine_ref.pt")
         (run_dir / "recipe.yaml").write_text(to_yaml(recipe))
-        (run_dir / "checkpoints" / TAG / "manifest.json").write_text("{}\n")  # counts as committed
+        from launcher.checkpoint.manifest import checkpoint_files, file_digest, write_manifest
+
+        step_dir = run_dir / "checkpoints" / TAG
+        files = {rel: file_digest(step_dir / rel) for rel in checkpoint_files(step_dir)}
+        write_manifest(step_dir, files, {})  # committed: a manifest listing what is there
         (run_dir / "checkpoints" / "latest").write_text(TAG)
     dist.barrier()
 
