@@ -28,7 +28,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cells", help="comma-separated substrings of cell names (default: all), e.g. w2-z3,pp2")
-    ap.add_argument("--cli", action="store_true", help=f"also train one cell through `launcher run` (Ray)")
+    ap.add_argument("--cli", action="store_true", help="also train one cell through `launcher run` (Ray)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     ap.add_argument("--workdir", type=Path, help="keep the model, runs and logs here (default: a temp dir)")
     ap.add_argument("--list", action="store_true", help="list the cells and exit")

@@ -49,8 +49,8 @@ class CellResult:
 
     def row(self) -> dict[str, Any]:
         return {**asdict(self.cell), "status": self.status, "max_rel_loss_dev": self.loss_dev,
-                "max_abs_weight_dev": self.weight_dev,
-                "max_rel_grad_norm_dev": self.grad_norm_dev, "problems": self.problems, "seconds": self.seconds, "via": self.via}
+                "max_abs_weight_dev": self.weight_dev, "max_rel_grad_norm_dev": self.grad_norm_dev,
+                "problems": self.problems, "seconds": self.seconds, "via": self.via}
 
 
 @dataclass
@@ -197,7 +197,8 @@ def compare(cell: Cell, run_dir: Path, ref) -> CellResult:
     if None not in norms:  # the launcher logs the global norm before clipping, like the reference
         grad_norm_dev = max(abs(g - x) / abs(x) for g, x in zip(norms, ref.grad_norms))
         if grad_norm_dev > GRAD_NORM_RTOL:
-            problems.append(f"gradient norm deviates by {grad_norm_dev:.2e} relative (tolerance {GRAD_NORM_RTOL:.0e})")
+            problems.append(
+                f"gradient norm deviates by {grad_norm_dev:.2e} relative (tolerance {GRAD_NORM_RTOL:.0e})")
     for r, ids in zip(records, ref.sample_ids):
         if r.get("sample_ids") != ids:
             problems.append(f"step {r['step']} trained samples {r.get('sample_ids')}, not {ids}")
@@ -248,7 +249,8 @@ def run_cells(cells: list[Cell], prep: Prepared, ref) -> list[CellResult]:
 
 
 def format_table(results: list[CellResult]) -> str:
-    head = f"{'cell':<22}{'world':>6}{'zero':>5}{'pp':>4}{'ga':>4}{'micro':>6}  {'max rel loss dev':>16}  {'max abs weight dev':>18}  {'max rel gnorm dev':>17}  result"
+    head = (f"{'cell':<22}{'world':>6}{'zero':>5}{'pp':>4}{'ga':>4}{'micro':>6}  {'max rel loss dev':>16}  "
+            f"{'max abs weight dev':>18}  {'max rel gnorm dev':>17}  result")
     lines = [head, "-" * len(head)]
     for r in results:
         c = r.cell
@@ -257,8 +259,9 @@ def format_table(results: list[CellResult]) -> str:
         gnorm = f"{r.grad_norm_dev:.2e}" if r.grad_norm_dev is not None else "-"
         status = r.status + (f": {'; '.join(r.problems)}" if r.problems else "")
         name = c.name if r.via == "spawn" else f"{c.name} ({r.via})"
-        lines.append(f"{name:<22}{c.world:>6}{c.zero:>5}{c.pp:>4}{c.ga:>4}{c.micro:>6}  {loss:>16}  {weight:>18}  {gnorm:>17}  {status}")
-    lines.append(f"tolerances: loss {LOSS_RTOL:.0e} and gradient norm {GRAD_NORM_RTOL:.0e} relative per step, "
+        lines.append(f"{name:<22}{c.world:>6}{c.zero:>5}{c.pp:>4}{c.ga:>4}{c.micro:>6}  {loss:>16}  "
+                     f"{weight:>18}  {gnorm:>17}  {status}")
+    lines.append(f"tolerances: loss {LOSS_RTOL:.0e}, gradient norm {GRAD_NORM_RTOL:.0e} relative per step, "
                  f"final weights {WEIGHT_ATOL:.0e} absolute")
     return "\n".join(lines)
 
@@ -282,7 +285,8 @@ def run_cli(cell: Cell, prep: Prepared, timeout: float = SPAWN_TIMEOUT_S) -> Cel
                               cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
     if proc.returncode != 0:
         tail = (prep.workdir / f"cli-{cell.name}.log").read_text().strip().splitlines()[-3:]
-        return CellResult(cell, "FAIL", problems=[f"launcher run exited {proc.returncode}: {' | '.join(tail)}"])
+        why = f"launcher run exited {proc.returncode}: {' | '.join(tail)}"
+        return CellResult(cell, "FAIL", problems=[why])
     result = compare(cell, run_dir, prep_reference(prep))
     result.via = "cli"
     result.seconds = round(time.time() - start, 1)

@@ -53,7 +53,8 @@ def pad_batch(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     ids = [e["input_ids"] + [pad_id] * (n - len(e["input_ids"])) for e in examples]
     labels = [e["labels"] + [IGNORE] * (n - len(e["labels"])) for e in examples]
     mask = [[1] * len(e["input_ids"]) + [0] * (n - len(e["input_ids"])) for e in examples]
-    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
+    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
+            "attention_mask": torch.tensor(mask)}
 
 
 def ce_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -112,7 +113,8 @@ def run_reference(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(params, train["max_grad_norm"])
-        rate = lr_at(k, lr=train["lr"], warmup=train["warmup_steps"], total=steps, min_ratio=train["min_lr_ratio"])
+        rate = lr_at(k, lr=train["lr"], warmup=train["warmup_steps"], total=steps,
+                     min_ratio=train["min_lr_ratio"])
         for g in opt.param_groups:
             g["lr"] = rate
         opt.step()

@@ -39,8 +39,8 @@ def dp_results(prep, ref) -> dict[str, harness.CellResult]:
 
 
 def _check(result: harness.CellResult) -> None:
-    assert result.status == "pass", (
-        f"{result.cell.name}: {result.status}: {'; '.join(result.problems)}\n" + harness.format_table([result]))
+    why = f"{result.cell.name}: {result.status}: {'; '.join(result.problems)}"
+    assert result.status == "pass", why + "\n" + harness.format_table([result])
 
 
 @pytest.mark.parametrize("cell", DP_CELLS, ids=lambda c: c.name)
