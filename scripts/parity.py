@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -49,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="parity-")
     workdir = args.workdir or Path(tmp.name)
     start = time.time()
+    # With --json, stdout carries the JSON alone: what libraries print goes to stderr meanwhile.
+    saved_stdout = os.dup(1) if args.json else None
+    if saved_stdout is not None:
+        sys.stdout.flush()
+        os.dup2(2, 1)
     try:
         prep = harness.prepare(workdir)
         ref = harness.prep_reference(prep)
@@ -57,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
             cli_cell = next(c for c in CELLS if c.name == harness.CLI_CELL)
             results.append(harness.run_cli(cli_cell, prep))
     finally:
+        if saved_stdout is not None:
+            sys.stdout.flush()
+            os.dup2(saved_stdout, 1)
+            os.close(saved_stdout)
         if tmp is not None:
             tmp.cleanup()
     ok = all(r.status == "pass" for r in results)
