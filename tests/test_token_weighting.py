@@ -23,7 +23,20 @@ RTOL = 1e-6
 WEIGHTS_ATOL = 1e-5
 
 
-def _recipe(micro: int, accum: int, workers: int, zero: int) -> dict:
+def _initial_model(path):
+    """The tiny model saved once, so that every layout starts from the same weights (a random
+    init under ZeRO-3's zero.Init draws differently from a plain one)."""
+    from launcher.data import build_tokenizer
+    from launcher.recipe import from_dict
+    from launcher.runtime.model import build_model
+
+    recipe = from_dict(tiny_recipe_dict(name="tw"))
+    tok = build_tokenizer(recipe.tokenizer, None)
+    build_model(recipe.model, tok, seed=0).save_pretrained(path)
+    return str(path)
+
+
+def _recipe(micro: int, accum: int, workers: int, zero: int, model_dir: str) -> dict:
     d = tiny_recipe_dict(
         name="tw",
         parallelism={"zero_stage": zero},
@@ -31,7 +44,7 @@ def _recipe(micro: int, accum: int, workers: int, zero: int) -> dict:
         checkpoint={"export_hf_at_end": True},
         sample={"from_eval": 0},
     )
-    d["model"]["dtype"] = "fp32"
+    d["model"] = {"name_or_path": model_dir, "dtype": "fp32"}
     d["data"] = {"format": "alpaca", "synthetic": {"task": "reverse", "num_examples": 200},
                  "max_seq_len": 64, "eval_fraction": 0.05}
     d["train"] = {"max_steps": 3, "micro_batch_size": micro, "grad_accum": accum, "lr": 1e-3,
@@ -60,10 +73,12 @@ def test_accumulation_and_workers_match_one_big_micro_batch(tmp_path):
         "micro4": (4, 1, 1, 0),
         "accum4": (1, 4, 1, 0),
         "2workers-accum2-zero1": (1, 2, 2, 1),
+        # ZeRO-3 too, which also exports at the end with ZeRO-3's transformers config alive
+        "2workers-accum2-zero3": (1, 2, 2, 3),
     }
-    runs = {}
+    runs, model_dir = {}, _initial_model(tmp_path / "init")
     for name, (micro, accum, workers, zero) in layouts.items():
-        train_ranks(_recipe(micro, accum, workers, zero), tmp_path / name, world=workers)
+        train_ranks(_recipe(micro, accum, workers, zero, model_dir), tmp_path / name, world=workers)
         runs[name] = (*_steps(tmp_path / name), _weights(tmp_path / name))
 
     ref_steps, ref_eval, ref_w = runs["micro4"]

@@ -470,7 +470,13 @@ def train(
             for s in samples:
                 f.write(json.dumps(s) + "\n")
         if ck.export_hf_at_end and final_dir is not None:
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
             from launcher.checkpoint.export import export_checkpoint
+
+            # The export builds the model on the meta device; with ZeRO-3's config still active
+            # transformers would build it inside zero.Init, collectively, on rank 0 alone (a hang).
+            unset_hf_deepspeed_config()
 
             summary["hf_export"] = str(run_dir / "hf")
             export_checkpoint(final_dir, run_dir / "hf", recipe=recipe, dtype=recipe.model.dtype
