@@ -130,14 +130,12 @@ def test_reshard_two_workers_to_one_and_back(recipe, baseline, tmp_path):
     assert [r["sample_ids"] for r in got] == [r["sample_ids"] for r in want]  # nothing skipped
     resumes = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"resume"' in x]
     assert [(r["step"], r["world_size"]) for r in resumes] == [(first, 1), (second, 2)]
-    # Identical until the first reshard. Right after each reshard the loss is that of the saved
-    # weights on the same examples (a fresh model would be near 5.5); it differs from the
-    # uninterrupted run only by how tokens are averaged across ranks, which then drifts a little.
+    # Identical until the first reshard; after it, the same model trained on the same examples with
+    # the same token-weighted loss, the only difference being the order of fp32 sums (one worker
+    # sums what two did): 1e-5 relative on every later step (measured: 2.2e-7). A learning rate or
+    # Adam state lost in the reshard shows up at once (a lost warmup position cost 3%).
     assert [r["loss"] for r in got[:first]] == [r["loss"] for r in want[:first]]
-    # Only at the first reshard are the weights still the uninterrupted run's; by the second
-    # they have drifted, so that one is held to the 10% bound below.
-    a, b = got[first]["loss"], want[first]["loss"]
-    assert abs(a - b) < 0.02 * b, (first + 1, a, b)
-    for a, b in zip(got[first:], want[first:]):
-        assert abs(a["loss"] - b["loss"]) < 0.1 * b["loss"], (a["step"], a["loss"], b["loss"])
+    worst = max(abs(a["loss"] - b["loss"]) / b["loss"] for a, b in zip(got[first:], want[first:]))
+    print(f"largest relative loss deviation after the reshards: {worst:.2e}")
+    assert worst < 1e-5, worst
     assert got[-1]["loss"] < got[first]["loss"] - 1.0  # and it keeps learning

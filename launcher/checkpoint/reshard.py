@@ -63,6 +63,10 @@ def load_checkpoint(engine: Any, scheduler: Any, step_dir: StepDir, ckpt: Any, l
     sched = dict(state["scheduler"])
     sched["lr_lambdas"] = [None] * len(scheduler.lr_lambdas)
     scheduler.load_state_dict(sched)
+    # The optimizer's learning rates are not part of the scheduler's state: set them as the
+    # scheduler left them, or the first step after a reshard runs at the initial (warmup) rate.
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr
     engine.global_steps = int(state["step"])
     state["rng"] = None
     return state
