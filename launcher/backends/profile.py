@@ -38,6 +38,28 @@ def _require(cond: bool, key: str, message: str) -> None:
         raise RecipeError(key, message)
 
 
+def check_common(usd_per_gpu_hour: float | None, setup: list[str], env: dict[str, str], *,
+                 secret_fix: str, reserved: tuple[str, ...] = (), reserved_by: str = "") -> None:
+    """Checks every backend's profile makes of its price, setup lines and environment: each setup
+    line splits into words, and no env entry is a secret (those come from the caller's environment)
+    or a reserved name."""
+    if usd_per_gpu_hour is not None:
+        _require(usd_per_gpu_hour >= 0, "usd_per_gpu_hour", "must be 0 or more")
+    for i, line in enumerate(setup):
+        try:
+            words = shlex.split(line)
+        except ValueError as e:
+            raise RecipeError(f"setup[{i}]", f"cannot split into words ({e})") from None
+        _require(bool(words), f"setup[{i}]", "empty command")
+    for name, value in env.items():
+        _require(bool(_ENV_NAME.fullmatch(str(name))), f"env.{name}", "not a valid variable name")
+        _require(not SECRET_NAME.search(str(name)), f"env.{name}", f"looks like a secret: {secret_fix}")
+        if reserved:
+            _require(not str(name).startswith(reserved), f"env.{name}",
+                     f"{' and '.join(p + '*' for p in reserved)} are set by {reserved_by}")
+        _require(isinstance(value, str), f"env.{name}", f"expected a string, got {value!r}")
+
+
 def _directive(value: str | None, key: str, example: str) -> None:
     if value is not None:
         _require(
@@ -157,23 +179,11 @@ class ClusterProfile:
         )
         _require(self.max_restarts >= 0, "max_restarts", "must be 0 or more")
         _require(self.ray_start_timeout_s >= 10, "ray_start_timeout_s", "must be at least 10")
-        if self.usd_per_gpu_hour is not None:
-            _require(self.usd_per_gpu_hour >= 0, "usd_per_gpu_hour", "must be 0 or more")
-        for i, line in enumerate(self.setup):
-            try:
-                words = shlex.split(line)
-            except ValueError as e:
-                raise RecipeError(f"setup[{i}]", f"cannot split into words ({e})") from None
-            _require(bool(words), f"setup[{i}]", "empty command")
-        for name, value in self.env.items():
-            _require(bool(_ENV_NAME.fullmatch(str(name))), f"env.{name}", "not a valid variable name")
-            _require(
-                not SECRET_NAME.search(str(name)),
-                f"env.{name}",
-                "looks like a secret: export it where you run `launcher submit` instead; the job "
-                "inherits it and it is never written to the script or the run directory",
-            )
-            _require(isinstance(value, str), f"env.{name}", f"expected a string, got {value!r}")
+        check_common(
+            self.usd_per_gpu_hour, self.setup, self.env,
+            secret_fix="export it where you run `launcher submit` instead; the job inherits it and it "
+            "is never written to the script or the run directory",
+        )
 
 
 BACKENDS = ("slurm", "skypilot")

@@ -9,7 +9,6 @@ a shell is quoted again when the task is rendered.
 from __future__ import annotations
 
 import re
-import shlex
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -187,27 +186,14 @@ class SkyPilotProfile:
         )
         _require(bool(self.python.strip()) and "\n" not in self.python, "python", "e.g. python3 or /opt/conda/bin/python")
         _require(self.ray_start_timeout_s >= 10, "ray_start_timeout_s", "must be at least 10")
-        if self.usd_per_gpu_hour is not None:
-            _require(self.usd_per_gpu_hour >= 0, "usd_per_gpu_hour", "must be 0 or more")
-        for i, line in enumerate(self.setup):
-            try:
-                words = shlex.split(line)
-            except ValueError as e:
-                raise RecipeError(f"setup[{i}]", f"cannot split into words ({e})") from None
-            _require(bool(words), f"setup[{i}]", "empty command")
-        from launcher.backends.profile import _ENV_NAME, SECRET_NAME
+        from launcher.backends.profile import check_common
 
-        for name, value in self.env.items():
-            _require(bool(_ENV_NAME.fullmatch(str(name))), f"env.{name}", "not a valid variable name")
-            _require(
-                not SECRET_NAME.search(str(name)),
-                f"env.{name}",
-                "looks like a secret: list its name under `secrets` and export it where you run "
-                "`launcher submit`; it is then passed as a SkyPilot secret and written nowhere",
-            )
-            _require(not str(name).startswith(("SKYPILOT_", "LAUNCHER_")), f"env.{name}",
-                     "SKYPILOT_* and LAUNCHER_* are set by SkyPilot and the launcher")
-            _require(isinstance(value, str), f"env.{name}", f"expected a string, got {value!r}")
+        check_common(
+            self.usd_per_gpu_hour, self.setup, self.env, reserved=("SKYPILOT_", "LAUNCHER_"),
+            reserved_by="SkyPilot and the launcher",
+            secret_fix="list its name under `secrets` and export it where you run `launcher submit`; "
+            "it is then passed as a SkyPilot secret and written nowhere",
+        )
         for i, name in enumerate(self.secrets):
             _require(bool(_SECRET_VAR.fullmatch(name)), f"secrets[{i}]", "an environment variable name, e.g. HF_TOKEN")
             _require(name not in self.env, f"secrets[{i}]", f"{name} is also in `env`: keep it in one place")
