@@ -103,12 +103,17 @@ EVIL = ["; touch PWNED", "$(touch PWNED)", "`touch PWNED`", "x\ntouch PWNED\n", 
 
 STUB = """#!/bin/bash
 # records its name and arguments (and two variables), NUL-separated, one record per call
-{ printf '%s\\0' "$(basename "$0")" "$@" "WINDOW=${LAUNCHER_PREEMPT_WINDOW_S:-}" "TOKEN=${RAY_AUTH_TOKEN:-}"; printf '\\1\\0'; } >>"$STUB_LOG"
+# (under a lock: the head runs in the background and two records must not interleave)
+{ flock 9; { printf '%s\\0' "$(basename "$0")" "$@" "WINDOW=${LAUNCHER_PREEMPT_WINDOW_S:-}" "TOKEN=${RAY_AUTH_TOKEN:-}"; printf '\\1\\0'; } >>"$STUB_LOG"; } 9>>"$STUB_LOG.lock"
 if [ "$1" = -c ]; then   # inline Python: the cloud probe runs for real; the port probe succeeds
   case "$2" in *create_connection*) exit 0 ;; *) exec python3 "$@" ;; esac
 fi
 if [ "$1" = -m ] && [ "$2" = venv ]; then
   mkdir -p "$3/bin"; cp "$0" "$3/bin/python"; cp "$0" "$3/bin/pip"; exit 0
+fi
+if [ "$1" = -m ] && [ "$2" = launcher.backends.slurm.wait_ray ]; then
+  # like the real one, return once the head (started in the background) is up: it has recorded
+  for _ in $(seq 100); do grep -aq -- --head "$STUB_LOG" && break; sleep 0.1; done
 fi
 if [ "$1" = -m ] && [ "$2" = launcher ]; then exit "${STUB_DRIVER_CODE:-0}"; fi
 exit 0
@@ -183,7 +188,7 @@ def test_rank_0_starts_the_head_waits_and_runs_the_driver(tmp_path, cloud, windo
     res = _bash(task.config["run"], tmp_path, env, tmp_path)
     assert res.returncode == 0, res.stderr
     calls = [c for c in _calls(tmp_path / "calls.log") if c[1] == "-m"]
-    assert len(calls) == 3   # the head runs in the background: its record may come at any point
+    assert len(calls) == 3   # the head runs in the background; the wait_ray stand-in waits for it
     (head,) = [c for c in calls if c[2] == "ray.scripts.scripts"]
     (wait,) = [c for c in calls if c[2] == "launcher.backends.slurm.wait_ray"]
     (driver,) = [c for c in calls if c[2] == "launcher"]
