@@ -85,8 +85,9 @@ def _worker(run_dir: Path) -> None:
     dist.barrier()
 
 
-def spawn_two_ranks(script: str, workdir: Path, log_prefix: str) -> None:
-    """Run `script --_worker WORKDIR` as two gloo ranks on this machine; exit if one fails."""
+def spawn_two_ranks(script: str, workdir: Path, log_prefix: str) -> list[int]:
+    """Run `script --_worker WORKDIR` as two gloo ranks on this machine; exit if one fails.
+    Returns each rank's peak resident memory in bytes (from wait4)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -94,13 +95,17 @@ def spawn_two_ranks(script: str, workdir: Path, log_prefix: str) -> None:
     for rank in range(2):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+               "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
         log = open(workdir / f"{log_prefix}{rank}.log", "w")
         procs.append(subprocess.Popen([sys.executable, script, "--_worker", str(workdir)], env=env,
                                       stdout=log, stderr=subprocess.STDOUT))
+    rss = []
     for rank, p in enumerate(procs):
-        if p.wait() != 0:
+        _, status, usage = os.wait4(p.pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
             sys.exit(f"rank {rank} failed: see {workdir}/{log_prefix}{rank}.log")
+        rss.append(usage.ru_maxrss * 1024)  # KiB on Linux
+    return rss
 
 
 def make_checkpoint(run_dir: Path) -> None:

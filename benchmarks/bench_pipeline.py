@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench_ckpt_export import spawn_two_ranks  # noqa: E402  (the benchmarks' two-rank launcher)
 
 MODEL = {"model_type": "llama", "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12,
          "num_attention_heads": 12, "num_key_value_heads": 12, "max_position_embeddings": 256,
@@ -47,27 +46,10 @@ def recipe(layout: str, steps: int) -> dict:
 
 
 def run_two_ranks(run_dir: Path, rec: dict) -> list[int]:
-    """Train `rec` as two gloo ranks; their peak RSS in bytes (from wait4)."""
+    """Train `rec` as two gloo ranks; their peak RSS in bytes."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.json").write_text(json.dumps(rec))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-        log = open(run_dir / f"rank-{rank}.log", "w")
-        procs.append(subprocess.Popen([sys.executable, __file__, "--_worker", str(run_dir)], env=env,
-                                      stdout=log, stderr=subprocess.STDOUT))
-    rss = []
-    for rank, p in enumerate(procs):
-        _, status, usage = os.wait4(p.pid, 0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            sys.exit(f"rank {rank} failed: see {run_dir}/rank-{rank}.log")
-        rss.append(usage.ru_maxrss * 1024)  # KiB on Linux
-    return rss
+    return spawn_two_ranks(__file__, run_dir, "rank-")
 
 
 def measure(layout: str, work: Path, steps: int, warmup: int) -> dict:

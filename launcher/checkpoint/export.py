@@ -143,21 +143,9 @@ def export_checkpoint(
         raise failure[0]
 
     n_params = sum(torch.Size(meta.param_shapes[n]).numel() for n in meta.param_shapes)
-    _write_config(out, files, plan, n_params, config, target, tokenizer)
-    return {
-        "step_dir": str(step_dir),
-        "out": str(out),
-        "dtype": dtype,
-        "files": files + [INDEX_FILE],
-        "tensors": len(specs),
-        "params": n_params,
-        "total_bytes": total,
-        "tied_embeddings": _tied(config),
-        "zero_stage": meta.zero_stage,
-        "dp_world_size": meta.dp_world_size,
-        "global_steps": meta.global_steps,
-        "seconds": round(time.perf_counter() - start, 3),
-    }
+    return _finish(step_dir, out, files, plan, specs, n_params, config, target, tokenizer, dtype=dtype,
+                   total=total, start=start, zero_stage=meta.zero_stage, dp_world_size=meta.dp_world_size,
+                   global_steps=meta.global_steps)
 
 
 def _export_pipeline(step_dir: Path, out: Path, *, recipe: Any, dtype: str, max_shard_size: str | int,
@@ -216,19 +204,8 @@ def _export_pipeline(step_dir: Path, out: Path, *, recipe: Any, dtype: str, max_
         _remove(out, created, files)
         raise
     n_params = sum(torch.Size(s.shape).numel() for s in specs)
-    _write_config(out, files, plan, n_params, config, target, tokenizer)
-    return {
-        "step_dir": str(step_dir),
-        "out": str(out),
-        "dtype": dtype,
-        "files": files + [INDEX_FILE],
-        "tensors": len(specs),
-        "params": n_params,
-        "total_bytes": total,
-        "tied_embeddings": _tied(config),
-        "pipeline_stages": getattr(recipe.parallelism, "pipeline_stages", None),
-        "seconds": round(time.perf_counter() - start, 3),
-    }
+    return _finish(step_dir, out, files, plan, specs, n_params, config, target, tokenizer, dtype=dtype,
+                   total=total, start=start, pipeline_stages=getattr(recipe.parallelism, "pipeline_stages", None))
 
 
 def _recipe_config(recipe: Any) -> tuple[Any, Any, Any]:
@@ -241,6 +218,25 @@ def _recipe_config(recipe: Any) -> tuple[Any, Any, Any]:
 
     tokenizer = build_tokenizer(recipe.tokenizer, recipe.model.name_or_path)
     return recipe, model_config(recipe.model, tokenizer), tokenizer
+
+
+def _finish(step_dir: Path, out: Path, files: list[str], plan: Any, specs: list[Any], n_params: int, config: Any,
+            target: torch.dtype, tokenizer: Any, *, dtype: str, total: int, start: float,
+            **extra: Any) -> dict[str, Any]:
+    """Write the index, config and tokenizer next to the shards; the export's summary."""
+    _write_config(out, files, plan, n_params, config, target, tokenizer)
+    return {
+        "step_dir": str(step_dir),
+        "out": str(out),
+        "dtype": dtype,
+        "files": files + [INDEX_FILE],
+        "tensors": len(specs),
+        "params": n_params,
+        "total_bytes": total,
+        "tied_embeddings": _tied(config),
+        **extra,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
 
 
 def _write_config(out: Path, files: list[str], plan: Any, n_params: int, config: Any, target: torch.dtype,

@@ -64,9 +64,7 @@ def submit(
             print(sub.job.script, end="")
             print(est_text)
         return
-    if est is not None and est.fits is False and not force:
-        print(est_text, file=sys.stderr)
-        raise UserError("the estimate says this recipe does not fit the cluster's nodes: fix the recipe, or --force")
+    _refuse_unless_fits(est, est_text, force, "the cluster's nodes")
     registry = Registry()
     slurm.submit(sub, r, profile, registry, recipe_path=str(recipe), cluster_path=str(cluster))
     if as_json:
@@ -78,6 +76,12 @@ def submit(
     out.print(f"submitted [bold]{sub.run_id}[/] as Slurm job {sub.job_id}", highlight=False)
     out.print(f"run dir: {sub.run_dir}\nfollow:  launcher status {sub.run_id}  |  launcher logs {sub.run_id} -f",
               highlight=False, markup=False)
+
+
+def _refuse_unless_fits(est: Any, est_text: str, force: bool, where: str) -> None:
+    if est is not None and est.fits is False and not force:
+        print(est_text, file=sys.stderr)
+        raise UserError(f"the estimate says this recipe does not fit {where}: fix the recipe, or --force")
 
 
 def _submit_skypilot(r: Any, profile: Any, recipe: Path, cluster: Path, run_dir: Path | None, *, dry_run: bool,
@@ -99,9 +103,7 @@ def _submit_skypilot(r: Any, profile: Any, recipe: Path, cluster: Path, run_dir:
             print(sub.task.yaml, end="")
             print(est_text)
         return
-    if est is not None and est.fits is False and not force:
-        print(est_text, file=sys.stderr)
-        raise UserError("the estimate says this recipe does not fit the profile's GPUs: fix the recipe, or --force")
+    _refuse_unless_fits(est, est_text, force, "the profile's GPUs")
     sky_launch.submit(sub, r, profile, Registry(), recipe_path=str(recipe), cluster_path=str(cluster))
     if as_json:
         print(json.dumps({"run_id": sub.run_id, "run_dir": str(sub.local_dir), "job_id": sub.job_id,

@@ -366,7 +366,7 @@ def train(
         # tokens of the whole global batch. DeepSpeed divides by grad_accum and averages over the
         # data-parallel ranks, so each micro-batch's loss is scaled by their product.
         (g_labels,) = _all_sum([float(sum(label_count(b) for b in batches))], ctx.device)
-        g_labels /= recipe.parallelism.pipeline_stages  # every stage of a replica drew the same batches
+        g_labels /= stages  # every stage of a replica drew the same batches
         num_items = max(g_labels, 1.0) / (t.grad_accum * data_parallel)
         plain_norm = None
         if stages > 1:
@@ -548,8 +548,9 @@ def _grad_norm(engine: Any) -> float | None:
 
 def _plain_grad_norm(engine: Any) -> float:
     """Global 2-norm of the (already all-reduced) gradients, before clipping: ZeRO-0 only."""
-    sq = sum(float(p.grad.double().pow(2).sum()) for p in engine.module.parameters() if p.grad is not None)
-    return math.sqrt(sq)
+    norms = [p.grad.detach().double().norm() for p in engine.module.parameters() if p.grad is not None]
+    # one device-to-host copy per step, not one per parameter
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
 def _log_eval(engine, examples, ctx, recipe, pad_id, writer, step) -> float:
