@@ -14,6 +14,8 @@ def main() -> None:
         app()
     except UserError as e:
         from rich.console import Console
+        from rich.text import Text
 
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        # The message quotes user input (keys, paths, pip extras like 'skypilot[aws]'): never markup.
+        Console(stderr=True).print(Text.assemble(("error:", "bold red"), " ", str(e)), highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)

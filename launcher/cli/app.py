@@ -8,7 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from launcher.errors import UserError
 
@@ -24,7 +26,8 @@ app = typer.Typer(
 recipes_app = typer.Typer(help="Validate, show and document recipes.", no_args_is_help=True)
 app.add_typer(recipes_app, name="recipes")
 
-console = Console()
+# soft_wrap: a printed command or path stays on one line, so it can be copied and pasted whole.
+console = Console(soft_wrap=True)
 
 Overrides = Annotated[
     Optional[list[str]],
@@ -101,19 +104,22 @@ def _run_and_report(r, out_dir: Path, *, ray_address: Optional[str], as_json: bo
     from launcher.runtime.driver import WorkerFailed
     from launcher.runtime.job import run_job
 
-    out = Console(stderr=True) if as_json else console
-    out.print(f"run [bold]{r.name}[/] -> {out_dir}", highlight=False)
+    out = Console(stderr=True, soft_wrap=True) if as_json else console
+    out.print(f"run [bold]{escape(r.name)}[/] -> {escape(str(out_dir))}", highlight=False)
+    oversubscribed = _oversubscribed(r, ray_address)
+    if oversubscribed:
+        out.print(Text(f"warning: {oversubscribed}", style="yellow"), highlight=False)
     try:
         result = run_job(
             r, out_dir, ray_address=ray_address, progress=lambda d: training_progress(d, out),
-            resume=resume, notify=lambda m: out.print(m, highlight=False),
+            resume=resume, notify=lambda m: out.print(m, highlight=False, markup=False),
         )
     except WorkerFailed as e:
-        out.print(f"[bold red]{e}[/]", highlight=False)
+        out.print(Text(str(e), style="bold red"), highlight=False)
         logs = sorted((out_dir / "logs").glob("rank-*.log"))
         for log in logs[:1]:
             tail = log.read_text(errors="replace").splitlines()[-25:]
-            out.print(f"[dim]--- last lines of {log} ---[/]", highlight=False)
+            out.print(Text(f"--- last lines of {log} ---", style="dim"), highlight=False)
             out.print("\n".join(tail), markup=False, highlight=False)
         raise typer.Exit(1)
     if result.preempted is not None:
@@ -124,7 +130,7 @@ def _run_and_report(r, out_dir: Path, *, ray_address: Optional[str], as_json: bo
             f"[bold yellow]preempted[/] after step {p['step']}: "
             + (f"checkpoint {p['committed']} committed" if p.get("committed") else "no time to save; "
                "the previous checkpoint stands")
-            + f". Resume: launcher resume {out_dir}",
+            + f". Resume: launcher resume {escape(str(out_dir))}",
             highlight=False,
         )
         raise typer.Exit(EXIT_PREEMPTED)
@@ -151,9 +157,25 @@ def _run_and_report(r, out_dir: Path, *, ray_address: Optional[str], as_json: bo
             if has_expected:
                 cells.append(x.get("expected", ""))
             cells.append(x["generated"])
-            table.add_row(*cells)
+            table.add_row(*(Text(c) for c in cells))  # generated text is not markup
         console.print(table)
-    console.print(f"metrics: {out_dir / 'metrics.jsonl'}   plot: launcher plot {out_dir}", highlight=False)
+    console.print(f"metrics: {out_dir / 'metrics.jsonl'}   plot: launcher plot {out_dir}", highlight=False, markup=False)
+
+
+def _oversubscribed(r, ray_address: Optional[str]) -> Optional[str]:
+    """CPU workers that ask for more cores than this machine has still run (Ray is told about the
+    cores they ask for), but share the cores and run slower than fewer workers would: say so."""
+    import os
+
+    if r.resources.gpus_per_node or ray_address or os.environ.get("RAY_ADDRESS"):
+        return None
+    cores = os.cpu_count() or 1
+    need = r.resources.cpu_workers * r.resources.cpus_per_worker
+    if need <= cores:
+        return None
+    return (f"resources.cpu_workers={r.resources.cpu_workers} x cpus_per_worker={r.resources.cpus_per_worker} "
+            f"asks for {need} cores but this machine has {cores}: the workers share them and train slower; "
+            f"use resources.cpu_workers={max(1, cores // r.resources.cpus_per_worker)} or fewer")
 
 
 @app.command()
@@ -168,7 +190,7 @@ def plot(
     from launcher.plot import plot_losses
 
     path = plot_losses(run_dir, out or run_dir / "loss.png")
-    console.print(f"wrote {path}", highlight=False)
+    console.print(f"wrote {path}", highlight=False, markup=False)
 
 
 @recipes_app.command("validate")
@@ -202,7 +224,7 @@ def recipes_validate(
     else:
         for res in results:
             mark = "[green]ok[/]  " if res["ok"] else "[red]bad[/] "
-            console.print(mark + res["path"] + ("" if res["ok"] else f"\n      {res['error']}"), highlight=False)
+            console.print(mark + escape(res["path"]) + ("" if res["ok"] else f"\n      {escape(res['error'])}"), highlight=False)
     if not all(r["ok"] for r in results):
         raise typer.Exit(2)
 
@@ -236,7 +258,7 @@ def recipes_docs(
     text = reference_markdown()
     if out:
         out.write_text(text)
-        console.print(f"wrote {out}", highlight=False)
+        console.print(f"wrote {out}", highlight=False, markup=False)
     else:
         print(text)
 

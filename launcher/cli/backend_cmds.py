@@ -12,7 +12,9 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from launcher.cli.app import Overrides, app, console
 from launcher.errors import UserError
@@ -73,7 +75,7 @@ def submit(
         return
     assert out is not None
     out.print(est_text, highlight=False, markup=False)
-    out.print(f"submitted [bold]{sub.run_id}[/] as Slurm job {sub.job_id}", highlight=False)
+    out.print(f"submitted [bold]{escape(sub.run_id)}[/] as Slurm job {sub.job_id}", highlight=False)
     out.print(f"run dir: {sub.run_dir}\nfollow:  launcher status {sub.run_id}  |  launcher logs {sub.run_id} -f",
               highlight=False, markup=False)
 
@@ -90,6 +92,7 @@ def _submit_skypilot(r: Any, profile: Any, recipe: Path, cluster: Path, run_dir:
     from launcher.runs import Registry
 
     sub = sky_launch.plan(r, profile, run_dir=run_dir)
+    _warn_missing_secrets(sky_launch.missing_secrets(profile))
     est, est_text = _estimate_safe(r, profile, cluster)
     if dry_run:
         if as_json:
@@ -112,9 +115,17 @@ def _submit_skypilot(r: Any, profile: Any, recipe: Path, cluster: Path, run_dir:
         return
     console.print(est_text, highlight=False, markup=False)
     what = f"managed job {sub.job_id}" if sub.managed else f"job {sub.job_id} on cluster {sub.cluster}"
-    console.print(f"submitted [bold]{sub.run_id}[/] as SkyPilot {what}", highlight=False)
+    console.print(f"submitted [bold]{escape(sub.run_id)}[/] as SkyPilot {escape(what)}", highlight=False)
     console.print(f"run dir: {sub.local_dir}\nfollow:  launcher status {sub.run_id}  |  launcher logs {sub.run_id} -f",
                   highlight=False, markup=False)
+
+
+def _warn_missing_secrets(names: list[str]) -> None:
+    """A secret the profile names but the environment lacks is not passed: say so, on stderr
+    (stdout may be --json), instead of letting the job fail later on a gated model or W&B login."""
+    if names:
+        print(f"warning: {', '.join(names)} named under `secrets` in the cluster profile but not set in "
+              "this environment: the job runs without them (export them here to pass them)", file=sys.stderr)
 
 
 def _estimate_safe(recipe: Any, profile: Any, cluster: Path) -> tuple[Any, str]:
@@ -195,19 +206,19 @@ def status(
         print(json.dumps(items[0] if run_id else items, indent=2))
         return
     if not runs:
-        console.print(f"no runs recorded yet ({registry.path})", highlight=False)
+        console.print(f"no runs recorded yet ({registry.path})", highlight=False, markup=False)
         return
     table = Table(show_lines=False)
     for col in ("run", "backend", "status", "job", "restarts", "checkpoint", "started", "time", "GPU-h", "$"):
         table.add_column(col, no_wrap=col in ("run", "started"))
     for r in runs:
         table.add_row(
-            r.run_id,
+            Text(r.run_id),
             r.backend,
             f"[{_STYLE.get(r.status, 'white')}]{r.status}[/]",
             ",".join(r.job_ids) or "-",
             str(r.restarts),
-            r.latest_checkpoint or "-",
+            Text(r.latest_checkpoint or "-"),
             _fmt_time(r.started_at or r.submitted_at),
             _fmt_duration(r),
             f"{r.gpu_hours:.2f}",

@@ -111,6 +111,12 @@ def plan(
     return Submission(run_id, local, task, profile.use_spot, None if profile.use_spot else cluster_name(run_id))
 
 
+def missing_secrets(profile: SkyPilotProfile, environ: dict[str, str] | None = None) -> list[str]:
+    """Secrets the profile names that the environment does not set (they are not passed)."""
+    env = os.environ if environ is None else environ
+    return [n for n in profile.secrets if not env.get(n)]
+
+
 def secret_values(sub: Submission, environ: dict[str, str] | None = None) -> dict[str, str]:
     """The values of the task's secrets, from the environment, and a fresh Ray token."""
     env = os.environ if environ is None else environ
