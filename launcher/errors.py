@@ -13,17 +13,26 @@ class UserError(Exception):
 
 
 class RecipeError(UserError):
-    """A recipe key with a wrong value, type, or combination. `key` is the dotted path."""
+    """A recipe key with a wrong value, type, or combination. `key` is the dotted path; `source`
+    the recipe file; `origin` where the value came from when that is not `source` itself (a base
+    recipe named in `defaults:`, or COMMAND_LINE for a `key=value` override)."""
 
-    def __init__(self, key: str, message: str, *, source: str | None = None) -> None:
+    def __init__(self, key: str, message: str, *, source: str | None = None, origin: str | None = None) -> None:
         self.key = key
         self.message = message
         self.source = source
+        self.origin = origin
         where = f"{source}: " if source else ""
+        if origin and origin != source:
+            key = f"{key} ({'set on the command line' if origin == COMMAND_LINE else f'set in {origin}'})"
         super().__init__(f"{where}{key}: {message}")
 
-    def with_source(self, source: str) -> "RecipeError":
-        return RecipeError(self.key, self.message, source=source)
+    def with_source(self, source: str, origin: str | None = None) -> "RecipeError":
+        return RecipeError(self.key, self.message, source=source, origin=origin or self.origin)
+
+
+COMMAND_LINE = "command line"
+"""The `origin` of a value set by a `key=value` override."""
 
 
 class DataError(UserError):

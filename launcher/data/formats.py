@@ -27,7 +27,31 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 
 
 class RowError(ValueError):
-    """What is wrong with one row; `normalize` adds the file and row number."""
+    """What is wrong with one row; `normalize` adds the file and row number. `hint`: the format
+    the row looks like, when it lacks the fields of the recipe's format."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+FORMAT_KEYS = {"alpaca": ("instruction",), "sharegpt": ("conversations", "messages"),
+               "chat": ("messages", "conversations"), "text": ("text",)}  # fmt: skip
+"""The field(s) a row of each format must have: sharegpt and chat read either list of turns."""
+
+_TELLTALE = (("messages", "chat"), ("conversations", "sharegpt"), ("instruction", "alpaca"), ("text", "text"))
+"""A field that marks what format a row was written in, most specific first."""
+
+
+def guess_format(row: dict, expected: str) -> str | None:
+    """`data.format=X (it has 'key')` when `row` lacks `expected`'s fields but has another
+    format's telltale field: a wrong data.format is the likely mistake, not a broken file."""
+    if any(row.get(k) is not None for k in FORMAT_KEYS[expected]):
+        return None
+    for key, fmt in _TELLTALE:
+        if fmt != expected and row.get(key) is not None:  # Arrow fills absent columns with None
+            return f"data.format={fmt} (it has '{key}')"
+    return None
 
 
 @dataclass
@@ -118,11 +142,14 @@ def _messages(row: dict) -> list[dict]:
 def _validate(row: Row, data: DataConfig) -> Item:
     if not isinstance(row.data, dict):
         raise RowError(f"must be an object, got {type(row.data).__name__}")
-    if data.format == "alpaca":
-        return _alpaca(row, data)
-    if data.format == "text":
-        return Item(row=row, text=_field(row.data, "text"))
-    return Item(row=row, messages=_messages(row.data))
+    try:
+        if data.format == "alpaca":
+            return _alpaca(row, data)
+        if data.format == "text":
+            return Item(row=row, text=_field(row.data, "text"))
+        return Item(row=row, messages=_messages(row.data))
+    except RowError as e:
+        raise RowError(str(e), guess_format(row.data, data.format)) from None
 
 
 def normalize(rows: list[Row], data: DataConfig, counts: Counts) -> list[Item]:
@@ -134,16 +161,22 @@ def normalize(rows: list[Row], data: DataConfig, counts: Counts) -> list[Item]:
         try:
             items.append(_validate(row, data))
         except RowError as e:
-            _malformed(row, str(e), data, counts)
+            _malformed(row, str(e), data, counts, e.hint)
     return items
 
 
-def _malformed(row: Row, problem: str, data: DataConfig, counts: Counts) -> None:
+def _malformed(
+    row: Row, problem: str, data: DataConfig, counts: Counts, looks_like: str | None = None
+) -> None:
     if not data.skip_malformed:
-        raise DataError(
-            f"{row.source}: row {row.number}: {problem} (data.format={data.format}): fix the "
-            "row, or set data.skip_malformed=true to skip such rows"
-        )
+        where = f"{row.source}: row {row.number}: {problem} (data.format={data.format})"
+        if looks_like:
+            fmt = looks_like.split()[0]
+            raise DataError(
+                f"{where}; this row looks like {looks_like}: set {fmt}, or fix the row, or set "
+                "data.skip_malformed=true to skip such rows"
+            )
+        raise DataError(f"{where}: fix the row, or set data.skip_malformed=true to skip such rows")
     counts.skipped_malformed += 1
 
 

@@ -46,6 +46,17 @@ def check_combinations(r: Recipe) -> None:
             f"resources.cpu_workers >= {r.resources.nodes}",
         )
     task, fmt = r.train.task, r.data.format
+    synthetic = r.data.synthetic
+    if synthetic is not None:
+        from launcher.data.synthetic import TEXT_TASKS
+
+        made = "text" if synthetic.task in TEXT_TASKS else "alpaca"
+        if fmt != made:
+            raise RecipeError(
+                "data.format",
+                f"data.synthetic.task={synthetic.task} generates {made} rows: set data.format={made}"
+                + (", or data.synthetic.task=stories (text, for pretraining)" if fmt == "text" else ""),
+            )
     if task == "pretrain" and fmt != "text":
         raise RecipeError(
             "data.format",

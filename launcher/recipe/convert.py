@@ -106,6 +106,14 @@ def convert(tp: Any, value: Any, key: str) -> Any:
     raise TypeError(f"unsupported annotation {tp!r} at {key}")  # a bug in the schema, not user input
 
 
+def _has_default(f: dataclasses.Field) -> bool:
+    return f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+
+
+def _accepts_none(tp: Any) -> bool:
+    return tp is Any or (typing.get_origin(tp) in (Union, types.UnionType) and type(None) in typing.get_args(tp))
+
+
 def build(cls: type, data: Any, prefix: str = "") -> Any:
     """Build dataclass `cls` from mapping `data`, rejecting unknown and missing keys."""
     where = prefix or "recipe"
@@ -122,6 +130,8 @@ def build(cls: type, data: Any, prefix: str = "") -> Any:
     kwargs = {}
     for name, f in fields.items():
         full = f"{prefix}.{name}" if prefix else name
+        if name in data and data[name] is None and _has_default(f) and not _accepts_none(hints[name]):
+            continue  # `key: null` (or `key=null`) clears an inherited value back to the default
         if name in data:
             kwargs[name] = convert(hints[name], data[name], full)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
