@@ -220,11 +220,14 @@ def test_costs_sorted_cheapest_fitting_marked_and_onprem_row():
     est = estimate_recipe(load_recipe(RECIPES / "sft" / "llama-3.1-8b-full-sft.yaml"), usd_per_gpu_hour=1.5,
                           onprem_name="mycluster", live_prices=False)
     rows = est.to_json()["costs"]
-    totals = [r["total_usd"] for r in rows if r["total_usd"] is not None]
-    assert totals == sorted(totals)
+    # what fits first, then what does not, each by total cost; the first row is the cheapest that fits
+    fit_flags = [r["fits"] is not False for r in rows]
+    assert fit_flags == sorted(fit_flags, reverse=True) and fit_flags[0] and not fit_flags[-1]
+    for group in (True, False):
+        totals = [r["total_usd"] for r in rows if (r["fits"] is not False) == group and r["total_usd"] is not None]
+        assert totals == sorted(totals)
     marked = [r for r in rows if r["cheapest_that_fits"]]
-    assert len(marked) == 1 and marked[0]["fits"] is True
-    assert all(not r["fits"] for r in rows[: rows.index(marked[0])])
+    assert len(marked) == 1 and marked[0] is rows[0] and marked[0]["fits"] is True
     clouds = {r["cloud"] for r in rows}
     assert {"AWS", "GCP", "Azure", "Lambda", "on-prem"} <= clouds
     onprem = next(r for r in rows if r["cloud"] == "on-prem")

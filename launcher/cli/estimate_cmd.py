@@ -50,8 +50,16 @@ def estimate(
     calibrate_workers: Annotated[
         Optional[int], typer.Option("--calibrate-workers", help="Workers (GPUs) for calibration; default: the recipe's.")
     ] = None,
+    node_memory: Annotated[
+        Optional[float], typer.Option("--node-memory", help="Host RAM per node, GiB (default: the GPU type's usual "
+                                      "machines, e.g. 2048 for 8x H100), for offloaded states.")
+    ] = None,
+    live_prices: Annotated[
+        bool, typer.Option("--live-prices", help="Read SkyPilot's live catalog (needs SkyPilot and network; "
+                           "waits at most 20 s) instead of the shipped price table.")
+    ] = False,
     offline_prices: Annotated[
-        bool, typer.Option("--offline-prices", help="Use the shipped price table even if SkyPilot is installed.")
+        bool, typer.Option("--offline-prices", help="Use the shipped price table (the default; overrides --live-prices).")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the estimate as JSON (keys: docs/estimate.md).")] = False,
 ) -> None:
@@ -63,6 +71,8 @@ def estimate(
     Example: launcher estimate recipes/sft/llama-3.1-8b-full-sft.yaml --gpu A100-80GB --nodes 2
 
     Example: launcher estimate --model meta-llama/Llama-3.1-70B --gpus-per-node 8 --nodes 4
+
+    Example: launcher estimate --model meta-llama/Llama-3.1-70B --gpu A100-80GB --node-memory 1152 --json
     """
     from launcher.estimate import estimate_recipe, format_estimate, model_recipe
 
@@ -83,14 +93,15 @@ def estimate(
         raise UserError("give a recipe file or --model NAME, e.g. launcher estimate --model meta-llama/Llama-3.1-8B")
     kwargs = dict(gpu=gpu, nodes=nodes, gpus_per_node=gpus_per_node, usd_per_gpu_hour=usd_per_gpu_hour,
                   mfu=mfu, avg_seq_len=avg_seq_len, dataset_rows=dataset_rows, network_gbps=network_gbps,
-                  preemption_rate=preemption_rate)
-    est = estimate_recipe(r, **kwargs, live_prices=not offline_prices)
+                  preemption_rate=preemption_rate, node_memory_gb=node_memory)
+    est = estimate_recipe(r, **kwargs, live_prices=live_prices and not offline_prices,
+                          title=f"--model {model}" if model else None)
     if calibrate:
         from launcher.estimate.calibrate import calibrate as run_calibration
 
         if calibrate_steps < 2:
             raise UserError("--calibrate-steps: at least 2 (the first step is not timed)")
-        cal_kwargs = {k: v for k, v in kwargs.items() if k in ("gpu", "mfu", "avg_seq_len")}
+        cal_kwargs = {k: v for k, v in kwargs.items() if k in ("gpu", "mfu", "avg_seq_len", "node_memory_gb")}
         run_calibration(est, r, steps=calibrate_steps, workers=calibrate_workers, estimate_kwargs=cal_kwargs)
     if as_json:
         print(json.dumps(est.to_json(), indent=2, default=str))

@@ -63,8 +63,9 @@ def cost_rows(offers: list[Offer], *, nodes: int, gpus_per_node: int, hours_for:
               checkpoint_every_steps: int, step_time_for: Any,
               preemption_rate: float = PREEMPTIONS_PER_INSTANCE_HOUR,
               restart_minutes: float = RESTART_MINUTES) -> list[CostRow]:
-    """One on-demand and one spot row per offer that matches the layout, sorted by total cost.
-    `hours_for(gpu)`, `fits_for(gpu)` and `step_time_for(gpu)` give the GPU type's estimates."""
+    """One on-demand and one spot row per offer that matches the layout, those that fit first, each
+    group by total cost. `hours_for(gpu)` and `step_time_for(gpu)` give the GPU type's estimates,
+    `fits_for(offer)` whether the offer's GPUs and host RAM hold the layout."""
     rows: list[CostRow] = []
     for o in offers:
         n = instances_for(o, nodes, gpus_per_node)
@@ -73,7 +74,7 @@ def cost_rows(offers: list[Offer], *, nodes: int, gpus_per_node: int, hours_for:
         hours = hours_for(o.gpu)
         if hours is None:
             continue
-        fits = fits_for(o.gpu)
+        fits = fits_for(o)
         per_hour = n * o.usd_per_hour
         rows.append(CostRow(o.cloud, o.region, o.instance, o.gpu, n * o.gpus, n, False, per_hour, hours,
                             per_hour * hours, fits, o.source))
@@ -93,7 +94,9 @@ def onprem_row(name: str, gpu: str, gpus: int, usd_per_gpu_hour: float, hours: f
 
 
 def mark_cheapest(rows: list[CostRow]) -> list[CostRow]:
-    rows.sort(key=lambda r: (r.total_usd, r.cloud, r.instance, r.spot))
+    """Sort what fits (or may: unknown GPUs) first, each group by total cost; mark the cheapest
+    that fits."""
+    rows.sort(key=lambda r: (r.fits is False, r.total_usd, r.cloud, r.instance, r.spot))
     for r in rows:
         r.cheapest = False
     for r in rows:

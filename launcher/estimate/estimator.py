@@ -7,10 +7,10 @@ from typing import Any
 
 from launcher.errors import UserError
 from launcher.estimate import catalog, compute, cost, memory, prices
-from launcher.estimate.hardware import GPUS, Gpu, find_gpu
+from launcher.estimate.hardware import GPUS, GiB, Gpu, find_gpu
 from launcher.estimate.layout import Layout, check_data_parallel, check_layout
 from launcher.estimate.params import ModelShape, model_shape
-from launcher.estimate.suggest import Suggestion, suggest
+from launcher.estimate.suggest import Check, Suggestion, suggest
 from launcher.recipe.sections import Recipe
 
 DEFAULT_GPU = "H100-80GB"
@@ -25,6 +25,7 @@ class Estimate:
     gpu: Gpu | None
     memory: memory.MemoryEstimate
     fits: bool | None
+    """GPU memory and host RAM both hold it (None: no GPU named)."""
     suggestions: list[Suggestion]
     time: compute.TimeEstimate | None
     costs: list[cost.CostRow]
@@ -35,6 +36,13 @@ class Estimate:
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     calibration: dict[str, Any] | None = None
+    title: str | None = None
+    """What the header names (`--model NAME`); None: the recipe's name."""
+    gpu_fits: bool | None = None
+    host_memory_bytes: int | None = None
+    """Host RAM per node the offloaded states must fit in (None: no GPU named)."""
+    host_memory_source: str | None = None
+    host_fits: bool | None = None
 
     @property
     def capacity(self) -> int | None:
@@ -67,7 +75,11 @@ class Estimate:
             "partition_elements_per_rank": self.memory.partitions,
             "gpu_capacity_bytes": self.capacity,
             "fits": self.fits,
+            "gpu_fits": self.gpu_fits,
             "spare_bytes": (self.capacity - per_gpu["total"]) if self.capacity else None,
+            "host_memory_bytes_per_node": self.host_memory_bytes,
+            "host_memory_source": self.host_memory_source,
+            "host_fits": self.host_fits,
             "suggestions": [s.to_json() for s in self.suggestions],
             "cpu_bytes_per_node": self.memory.cpu_per_node,
             "cpu_breakdown": [r.to_json() for r in self.memory.cpu_rows],
@@ -103,6 +115,45 @@ def _shape_for(recipe: Recipe) -> tuple[str, ModelShape]:
     return name, model_shape(cfg, trust_remote_code=m.trust_remote_code)
 
 
+def host_memory(gpu: Gpu, gpus_per_node: int, node_memory_gb: float | None) -> tuple[int, str]:
+    """Host RAM per node and where that figure comes from (given, or the GPU type's default)."""
+    if node_memory_gb is not None:
+        if node_memory_gb <= 0:
+            raise UserError("--node-memory: host RAM per node in GiB, more than 0, e.g. 1024")
+        return int(node_memory_gb * GiB), "given (--node-memory or the cluster profile's node_memory_gb)"
+    return (gpu.default_node_memory_bytes(gpus_per_node),
+            f"default for {gpus_per_node}x {gpu.name}; set node_memory_gb in the cluster profile or --node-memory")
+
+
+def _layout(recipe: Recipe, nodes: int, gpus_per_node: int) -> Layout:
+    par, t, m = recipe.parallelism, recipe.train, recipe.model
+    return Layout(
+        nodes=nodes, gpus_per_node=gpus_per_node, pipeline_stages=par.pipeline_stages, zero_stage=par.zero_stage,
+        offload_optimizer=par.offload_optimizer, offload_param=par.offload_param,
+        dtype=m.dtype,
+        micro_batch=t.micro_batch_size, grad_accum=t.grad_accum, seq_len=recipe.data.max_seq_len,
+        grad_ckpt=m.gradient_checkpointing, attn=m.attn_implementation,
+    )
+
+
+def _price_table(live: bool, notes: list[str]) -> prices.PriceTable:
+    if live:
+        table, why = prices.live_prices()
+        if table is not None:
+            return table
+        notes.append(f"live prices unavailable: {why}; using the shipped price table")
+    return prices.load_prices()
+
+
+def _offers_for(table: prices.PriceTable, dtype: str, notes: list[str]) -> list[prices.Offer]:
+    """The offers whose GPU can train in the recipe's dtype (V100s have no bf16)."""
+    unable = sorted({o.gpu for o in table.offers if o.gpu in GPUS and not GPUS[o.gpu].runs(dtype)})
+    if unable:
+        notes.append(f"cost table leaves out {', '.join(unable)}: no {dtype} support "
+                     "(model.dtype=fp16 to price them)")
+    return [o for o in table.offers if o.gpu not in unable]
+
+
 def estimate_recipe(
     recipe: Recipe,
     *,
@@ -117,12 +168,16 @@ def estimate_recipe(
     network_gbps: float | None = None,
     preemption_rate: float = cost.PREEMPTIONS_PER_INSTANCE_HOUR,
     restart_minutes: float = cost.RESTART_MINUTES,
-    live_prices: bool = True,
+    live_prices: bool = False,
+    node_memory_gb: float | None = None,
+    title: str | None = None,
 ) -> Estimate:
     """Estimate memory per GPU, CPU memory per node, time and cost for `recipe`'s layout.
 
     `gpu`, `nodes`, `gpus_per_node` override the recipe's resources; `usd_per_gpu_hour` adds an
-    on-prem row (named `onprem_name`). `fits` is None when neither the recipe nor `gpu` names GPUs.
+    on-prem row (named `onprem_name`); `node_memory_gb` is the host RAM per node in GiB (default:
+    the GPU type's usual machines). `fits` is None when neither the recipe nor `gpu` names GPUs.
+    `live_prices` reads SkyPilot's catalog (a child process with a timeout) instead of the table.
     """
     from launcher.runtime.ds_config import build_ds_config
 
@@ -148,14 +203,8 @@ def estimate_recipe(
             gpu_name = DEFAULT_GPU
             notes.append(f"resources.gpu is not set: assuming {DEFAULT_GPU} (--gpu)")
         gpu_spec = find_gpu(gpu_name, "--gpu" if gpu else "resources.gpu")
-    par, t, m = recipe.parallelism, recipe.train, recipe.model
-    lay = Layout(
-        nodes=n_nodes, gpus_per_node=gpn, pipeline_stages=par.pipeline_stages, zero_stage=par.zero_stage,
-        offload_optimizer=par.offload_optimizer, offload_param=par.offload_param,
-        dtype=m.dtype,
-        micro_batch=t.micro_batch_size, grad_accum=t.grad_accum, seq_len=recipe.data.max_seq_len,
-        grad_ckpt=m.gradient_checkpointing, attn=m.attn_implementation,
-    )
+    t = recipe.train
+    lay = _layout(recipe, n_nodes, gpn)
     model_name, shape = _shape_for(recipe)
     check_layout(lay, shape.num_layers)
     from launcher.estimate.data_size import train_examples
@@ -176,60 +225,90 @@ def estimate_recipe(
             zero.update(stage3_prefetch_bucket_size=5e7, stage3_param_persistence_threshold=1e5)
         return memory.estimate_memory(shape, layout, ds)
 
+    def time_for(layout: Layout, g: Gpu) -> compute.TimeEstimate:
+        n_steps = compute.total_steps(examples, t.max_steps, t.epochs, layout)
+        eff = mfu
+        if mfu is not None and layout != lay:
+            # a given efficiency is the recipe layout's: offload in a suggestion still costs its share
+            eff = mfu * compute.default_mfu(layout) / compute.default_mfu(lay)
+        return compute.estimate_time(shape, layout, g, steps=n_steps, avg_seq_len=avg_seq_len, mfu=eff,
+                                     network_gbps=network_gbps)
+
     mem = mem_for(lay)
     total = mem.per_gpu["total"]
-    fits = None if gpu_spec is None else total <= gpu_spec.memory_bytes
-    suggestions: list[Suggestion] = []
-    if fits is False:
-        suggestions = suggest(lay, lambda L: mem_for(L).per_gpu["total"], gpu_spec.memory_bytes)
-
+    est = Estimate(
+        recipe_name=recipe.name, model=model_name, shape=shape, layout=lay, gpu=gpu_spec, memory=mem,
+        fits=None, suggestions=[], time=None, costs=[], prices_as_of=None, prices_source=None,
+        examples=examples, examples_source=ex_src, notes=notes, title=title,
+    )
     steps = compute.total_steps(examples, t.max_steps, t.epochs, lay)
     if steps is None:
         notes.append(f"total steps unknown ({ex_src}): set train.max_steps or pass --dataset-rows")
-    tm = None
-    costs: list[cost.CostRow] = []
-    as_of = source = None
-    warnings: list[str] = []
     if gpu_spec is not None:
-        def time_for(g: Gpu) -> compute.TimeEstimate:
-            return compute.estimate_time(shape, lay, g, steps=steps, avg_seq_len=avg_seq_len, mfu=mfu,
-                                         network_gbps=network_gbps)
+        host_bytes, est.host_memory_source = host_memory(gpu_spec, gpn, node_memory_gb)
+        est.host_memory_bytes = host_bytes
 
-        tm = time_for(gpu_spec)
-        warnings += tm.warnings
+        def check(layout: Layout) -> Check:
+            m = mem if layout == lay else mem_for(layout)
+            tl = time_for(layout, gpu_spec)
+            per_node_host = host_bytes if layout.gpus_per_node == gpn else \
+                host_memory(gpu_spec, layout.gpus_per_node, node_memory_gb)[0]
+            return Check(m.per_gpu["total"], m.per_gpu["total"] <= gpu_spec.memory_bytes, m.cpu_per_node,
+                         m.cpu_per_node <= per_node_host, tl.step_time_s, tl.tokens_per_s, tl.total_hours)
+
+        own = check(lay)
+        est.gpu_fits, est.host_fits, est.fits = own.gpu_fits, own.host_fits, own.fits
+        if not est.fits:
+            est.suggestions = suggest(lay, check)
+        est.time = time_for(lay, gpu_spec)
+        est.warnings += est.time.warnings
         if avg_seq_len is None and not recipe.data.packing:
             notes.append("time assumes every sequence is max_seq_len tokens long (an upper bound without "
                          "packing): pass --avg-seq-len for the data's mean length")
-        table = (prices.live_prices() if live_prices else None) or prices.load_prices()
-        as_of, source = table.as_of, table.source
-        time_cache: dict[str, compute.TimeEstimate] = {}
-
-        def t_of(name: str) -> compute.TimeEstimate:
-            if name not in time_cache:
-                time_cache[name] = time_for(GPUS[name]) if name in GPUS else tm
-            return time_cache[name]
-
         if steps is not None:
-            costs = cost.cost_rows(
-                table.offers, nodes=lay.nodes, gpus_per_node=lay.gpus_per_node,
-                hours_for=lambda n: t_of(n).total_hours,
-                fits_for=lambda n: total <= GPUS[n].memory_bytes if n in GPUS else None,
-                checkpoint_every_steps=recipe.checkpoint.every_steps,
-                step_time_for=lambda n: t_of(n).step_time_s,
-                preemption_rate=preemption_rate, restart_minutes=restart_minutes,
-            )
-            if usd_per_gpu_hour is not None:
-                costs.append(cost.onprem_row(onprem_name or "cluster", gpu_spec.name, lay.world,
-                                             usd_per_gpu_hour, tm.total_hours, fits))
-                costs = cost.mark_cheapest(costs)
+            _add_costs(est, recipe, time_for, live_prices=live_prices, preemption_rate=preemption_rate,
+                       restart_minutes=restart_minutes, usd_per_gpu_hour=usd_per_gpu_hour, onprem_name=onprem_name)
     if lay.offload_optimizer != "none" or lay.offload_param != "none":
         notes.append("with offload, DeepSpeed's estimate covers model states only; real use adds the rows "
                      "below it (activations, buffers), which its users report as the 10-40x surprise")
-    return Estimate(
-        recipe_name=recipe.name, model=model_name, shape=shape, layout=lay, gpu=gpu_spec, memory=mem,
-        fits=fits, suggestions=suggestions, time=tm, costs=costs, prices_as_of=as_of, prices_source=source,
-        examples=examples, examples_source=ex_src, notes=notes, warnings=warnings,
+    return est
+
+
+def _add_costs(est: Estimate, recipe: Recipe, time_for: Any, *, live_prices: bool, preemption_rate: float,
+               restart_minutes: float, usd_per_gpu_hour: float | None, onprem_name: str | None) -> None:
+    """The cost table: every offer whose GPU runs the recipe's dtype, with its own time and fit
+    (GPU memory, and the instance's host RAM when the table knows it)."""
+    lay, gpu_spec, tm = est.layout, est.gpu, est.time
+    total, host_need = est.memory.per_gpu["total"], est.memory.cpu_per_node
+    table = _price_table(live_prices, est.notes)
+    est.prices_as_of, est.prices_source = table.as_of, table.source
+    time_cache: dict[str, compute.TimeEstimate] = {}
+
+    def t_of(name: str) -> compute.TimeEstimate:
+        if name not in time_cache:
+            time_cache[name] = time_for(lay, GPUS[name]) if name in GPUS else tm
+        return time_cache[name]
+
+    def fits_for(o: prices.Offer) -> bool | None:
+        g = GPUS.get(o.gpu)
+        if g is None:
+            return None
+        # an instance with more GPUs than the layout's nodes hosts several of those nodes
+        nodes_here = min(lay.nodes, max(1, o.gpus // lay.gpus_per_node))
+        ram = o.memory_gib * GiB if o.memory_gib else g.default_node_memory_bytes(o.gpus)
+        return total <= g.memory_bytes and host_need * nodes_here <= ram
+
+    est.costs = cost.cost_rows(
+        _offers_for(table, lay.dtype, est.notes), nodes=lay.nodes, gpus_per_node=lay.gpus_per_node,
+        hours_for=lambda n: t_of(n).total_hours, fits_for=fits_for,
+        checkpoint_every_steps=recipe.checkpoint.every_steps,
+        step_time_for=lambda n: t_of(n).step_time_s,
+        preemption_rate=preemption_rate, restart_minutes=restart_minutes,
     )
+    if usd_per_gpu_hour is not None:
+        est.costs.append(cost.onprem_row(onprem_name or "cluster", gpu_spec.name, lay.world,
+                                         usd_per_gpu_hour, tm.total_hours, est.fits))
+        est.costs = cost.mark_cheapest(est.costs)
 
 
 def model_recipe(name: str, overrides: list[str] | None = None) -> Recipe:
@@ -245,5 +324,6 @@ def model_recipe(name: str, overrides: list[str] | None = None) -> Recipe:
         "parallelism": {"zero_stage": 3},
         "resources": {"nodes": 1, "gpus_per_node": 8, "gpu": DEFAULT_GPU},
     }
-    cfg = _apply_overrides(OmegaConf.create(base), overrides or [])
-    return from_dict(OmegaConf.to_container(cfg, resolve=True), source=f"--model {name}")
+    origins: dict[str, str] = {}  # which values the command line set, for error messages
+    cfg = _apply_overrides(OmegaConf.create(base), overrides or [], origins)
+    return from_dict(OmegaConf.to_container(cfg, resolve=True), source=f"--model {name}", origins=origins)

@@ -1,7 +1,8 @@
 """GPU facts the estimator needs: memory, peak dense 16-bit throughput, link bandwidths.
 
 Capacities are the totals `nvidia-smi` reports (MiB); peak throughput is the vendor's dense
-bf16 figure (V100: fp16, it has no bf16). See docs/estimate.md for sources.
+bf16 figure (V100: fp16, it has no bf16). Host RAM per node defaults to what the common 8-GPU
+machines of each GPU carry. See docs/estimate.md for sources.
 """
 
 from __future__ import annotations
@@ -23,18 +24,30 @@ class Gpu:
     intra_node_gbps: float
     """GB/s per GPU to its node peers (NVLink, or PCIe for cards without it), one direction."""
     bf16: bool = True
+    """Runs bf16 (V100 does not: its recipes need fp16)."""
+    host_gib_per_gpu: int = 128
+    """Default host RAM per GPU of a node with this GPU, GiB, used when neither the cluster profile
+    (`node_memory_gb`) nor `--node-memory` says: the common 8-GPU machines' RAM / 8 (p5/DGX H100:
+    2 TiB; p4d/DGX A100: 1-1.1 TiB; g5/g6.48xlarge: 768 GiB; p3.16xlarge: 488 GiB)."""
+
+    def default_node_memory_bytes(self, gpus_per_node: int) -> int:
+        return self.host_gib_per_gpu * max(gpus_per_node, 1) * GiB
+
+    def runs(self, dtype: str) -> bool:
+        """Whether this GPU can train in `dtype` (bf16 needs Ampere or newer)."""
+        return self.bf16 or dtype != "bf16"
 
 
 GPUS: dict[str, Gpu] = {g.name: g for g in [
-    Gpu("H100-80GB", 81559 * MiB, 989.0, 450.0),
-    Gpu("H100-PCIe-80GB", 81559 * MiB, 756.0, 64.0),
-    Gpu("H200-141GB", 143771 * MiB, 989.0, 450.0),
-    Gpu("A100-80GB", 81920 * MiB, 312.0, 300.0),
-    Gpu("A100-40GB", 40960 * MiB, 312.0, 300.0),
-    Gpu("L4-24GB", 23034 * MiB, 121.0, 32.0),
-    Gpu("A10G-24GB", 23028 * MiB, 70.0, 32.0),
-    Gpu("V100-32GB", 32510 * MiB, 125.0, 150.0, bf16=False),
-    Gpu("V100-16GB", 16160 * MiB, 125.0, 150.0, bf16=False),
+    Gpu("H100-80GB", 81559 * MiB, 989.0, 450.0, host_gib_per_gpu=256),
+    Gpu("H100-PCIe-80GB", 81559 * MiB, 756.0, 64.0, host_gib_per_gpu=256),
+    Gpu("H200-141GB", 143771 * MiB, 989.0, 450.0, host_gib_per_gpu=256),
+    Gpu("A100-80GB", 81920 * MiB, 312.0, 300.0, host_gib_per_gpu=128),
+    Gpu("A100-40GB", 40960 * MiB, 312.0, 300.0, host_gib_per_gpu=128),
+    Gpu("L4-24GB", 23034 * MiB, 121.0, 32.0, host_gib_per_gpu=96),
+    Gpu("A10G-24GB", 23028 * MiB, 70.0, 32.0, host_gib_per_gpu=96),
+    Gpu("V100-32GB", 32510 * MiB, 125.0, 150.0, bf16=False, host_gib_per_gpu=96),
+    Gpu("V100-16GB", 16160 * MiB, 125.0, 150.0, bf16=False, host_gib_per_gpu=61),
 ]}
 
 _ALIASES = {

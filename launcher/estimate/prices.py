@@ -1,14 +1,25 @@
-"""Instance prices: the table shipped in `data/prices.csv` (with its as-of date), or SkyPilot's
-live catalog when SkyPilot is installed and its catalog can be read."""
+"""Instance prices: the table shipped in `data/prices.csv` (with its as-of date), or, when asked
+for (`launcher estimate --live-prices`), SkyPilot's live catalog.
+
+The live catalog is read in a child process with a timeout: SkyPilot may try the network for
+every cloud and prints its progress and failures on stdout, which must stay clean for `--json`.
+The child keeps its stdout for the offers alone and sends everything else to stderr, which the
+parent drops (one note says why live prices were not used).
+"""
 
 from __future__ import annotations
 
 import csv
+import json
 import os
-from dataclasses import dataclass
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 PRICES_CSV = Path(__file__).parent / "data" / "prices.csv"
+LIVE_PRICES_TIMEOUT_S = 20.0
+"""How long `--live-prices` waits for SkyPilot's catalog before using the shipped table."""
 
 
 @dataclass(frozen=True)
@@ -21,6 +32,8 @@ class Offer:
     usd_per_hour: float
     spot_usd_per_hour: float | None
     source: str
+    memory_gib: float | None = None
+    """The instance's host RAM, GiB (None: unknown)."""
 
 
 @dataclass
@@ -28,6 +41,11 @@ class PriceTable:
     offers: list[Offer]
     as_of: str
     source: str
+
+
+def _float(text: str | None) -> float | None:
+    text = (text or "").strip()
+    return float(text) if text else None
 
 
 def load_prices(path: Path = PRICES_CSV) -> PriceTable:
@@ -41,9 +59,9 @@ def load_prices(path: Path = PRICES_CSV) -> PriceTable:
         lines.append(line)
     offers = []
     for row in csv.DictReader(lines):
-        spot = row["spot_usd_per_hour"].strip()
         offers.append(Offer(row["cloud"], row["region"], row["instance"], row["gpu"], int(row["gpus"]),
-                            float(row["usd_per_hour"]), float(spot) if spot else None, row["source"]))
+                            float(row["usd_per_hour"]), _float(row["spot_usd_per_hour"]), row["source"],
+                            _float(row.get("memory_gib"))))
     return PriceTable(offers, as_of, f"price table shipped with launcher ({path.name})")
 
 
@@ -52,34 +70,72 @@ _SKY_NAMES = {"H100-80GB": "H100", "H200-141GB": "H200", "A100-80GB": "A100-80GB
               "L4-24GB": "L4", "A10G-24GB": "A10G", "V100-16GB": "V100", "V100-32GB": "V100-32GB"}
 
 
-def live_prices() -> PriceTable | None:
-    """Prices from SkyPilot's catalog, or None when SkyPilot is missing or cannot read it.
-    Off when LAUNCHER_OFFLINE_PRICES=1."""
+def live_prices(timeout_s: float = LIVE_PRICES_TIMEOUT_S) -> tuple[PriceTable | None, str | None]:
+    """Prices from SkyPilot's catalog, read in a child process that gets `timeout_s` seconds.
+    Returns (table, None), or (None, why not) when SkyPilot is missing, slow or cannot read it.
+    Off (None) when LAUNCHER_OFFLINE_PRICES=1."""
     if os.environ.get("LAUNCHER_OFFLINE_PRICES") == "1":
-        return None
+        return None, "LAUNCHER_OFFLINE_PRICES=1"
+    try:
+        res = subprocess.run([sys.executable, "-m", "launcher.estimate.prices"], capture_output=True, text=True,
+                             timeout=timeout_s, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return None, f"SkyPilot's catalog did not answer within {timeout_s:g} s"
+    try:
+        data = json.loads(res.stdout)
+    except ValueError:
+        data = None
+    if res.returncode != 0 or not isinstance(data, dict):
+        last = (res.stderr.strip().splitlines() or ["no output"])[-1]
+        return None, f"SkyPilot's catalog could not be read ({last[:160]})"
+    if data.get("error"):
+        return None, data["error"]
+    offers = [Offer(**o) for o in data["offers"]]
+    if not offers:
+        return None, "SkyPilot's catalog has no offers for these GPUs"
+    return PriceTable(offers, data["as_of"], "SkyPilot catalog (live)"), None
+
+
+def _read_sky_catalog() -> dict:
+    """The child's work: SkyPilot's offers for the estimator's GPUs, as a JSON-ready dict."""
     try:
         import sky  # noqa: F401
         from sky import catalog as sky_catalog
-    except Exception:
-        return None
+    except Exception:  # noqa: BLE001  (missing or broken install: the caller uses the shipped table)
+        return {"error": "SkyPilot is not installed (pip install 'skypilot[aws]')"}
     offers: list[Offer] = []
-    try:
-        for ours, theirs in _SKY_NAMES.items():
-            found = sky_catalog.list_accelerators(gpus_only=True, name_filter=theirs, case_sensitive=False,
-                                                  clouds=["aws", "gcp", "azure", "lambda"], all_regions=False)
-            for name, infos in found.items():
-                if name.lower() != theirs.lower():
+    for ours, theirs in _SKY_NAMES.items():
+        found = sky_catalog.list_accelerators(gpus_only=True, name_filter=theirs, case_sensitive=False,
+                                              clouds=["aws", "gcp", "azure", "lambda"], all_regions=False)
+        for name, infos in found.items():
+            if name.lower() != theirs.lower():
+                continue
+            for i in infos:
+                if not i.price or i.price <= 0 or i.price >= 700:  # missing or placeholder prices
                     continue
-                for i in infos:
-                    if not i.price or i.price <= 0 or i.price >= 700:  # missing or placeholder prices
-                        continue
-                    spot = i.spot_price if i.spot_price and i.spot_price > 0 else None
-                    offers.append(Offer(str(i.cloud), getattr(i, "region", "") or "", i.instance_type or "",
-                                        ours, int(i.accelerator_count), float(i.price), spot, "skypilot-live"))
-    except Exception:
-        return None
-    if not offers:
-        return None
+                spot = i.spot_price if i.spot_price and i.spot_price > 0 else None
+                mem = getattr(i, "memory", None)
+                offers.append(Offer(str(i.cloud), getattr(i, "region", "") or "", i.instance_type or "",
+                                    ours, int(i.accelerator_count), float(i.price), spot, "skypilot-live",
+                                    float(mem) if mem else None))
     from datetime import date
 
-    return PriceTable(offers, date.today().isoformat(), "SkyPilot catalog (live)")
+    return {"offers": [asdict(o) for o in offers], "as_of": date.today().isoformat()}
+
+
+def _child_main() -> None:
+    # Keep the real stdout for the JSON alone: everything SkyPilot prints (Python or native) goes
+    # to stderr from here on.
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    try:
+        data = _read_sky_catalog()
+    except Exception as e:  # noqa: BLE001  (offline, no credentials, ...: reported, not fatal)
+        data = {"error": f"SkyPilot's catalog could not be read ({type(e).__name__}: {str(e)[:160]})"}
+    out.write(json.dumps(data))
+    out.flush()
+
+
+if __name__ == "__main__":
+    _child_main()

@@ -23,11 +23,69 @@ def _hours(h: float) -> str:
     return f"{h / 24:.1f} days"
 
 
+def _verdict(est) -> str:  # noqa: ANN001
+    per, cap = est.memory.per_gpu["total"], est.capacity
+    if est.fits is None:
+        return "verdict  no GPU named: pass --gpu to check the fit"
+    if est.fits:
+        return f"verdict  fits, with {gib(cap - per)} GiB to spare per GPU"
+    short = []
+    if not est.gpu_fits:
+        short.append(f"short by {gib(per - cap)} GiB per GPU")
+    if not est.host_fits:
+        short.append(f"host RAM short by {gib(est.memory.cpu_per_node - est.host_memory_bytes)} GiB per node")
+    return "verdict  does NOT fit: " + "; ".join(short)
+
+
+def _suggestion_lines(est) -> list[str]:  # noqa: ANN001
+    out = ["changes that would make it fit (each re-estimated; time against the recipe's layout):"
+           if any(x.fits for x in est.suggestions) else "no single change makes it fit; closest:"]
+    for x in est.suggestions[:8]:
+        mark = "fits     " if x.fits else ("GPU short" if not x.gpu_fits else "RAM short")
+        speed = f"step {x.step_time_s:,.2f} s" if x.step_time_s is not None else ""
+        if x.total_hours is not None:
+            speed += f", {_hours(x.total_hours)}"
+        if x.slow:
+            speed += f" ({x.slowdown:,.0f}x slower)"
+        out.append(f"  [{mark}] {gib(x.per_gpu_total_bytes):>8} GiB/GPU {gib(x.cpu_bytes_per_node):>9} GiB host  "
+                   f"{speed}")
+        out.append(f"              {x.description}")
+        out.append(f"              {x.change}")
+    return out
+
+
+def _host_line(est) -> str:  # noqa: ANN001
+    line = f"CPU memory per node: {gib(est.memory.cpu_per_node)} GiB"
+    if est.host_memory_bytes is not None:
+        line += f" of {gib(est.host_memory_bytes)} GiB host RAM ({est.host_memory_source})"
+        if est.host_fits is False:
+            line += ": does NOT fit"
+    return line
+
+
+def _cost_lines(est) -> list[str]:  # noqa: ANN001
+    out = ["", f"cost     prices as of {est.prices_as_of} ({est.prices_source}); spot includes expected "
+           "preemption losses; what fits first",
+           f"  {'cloud':8} {'region':12} {'instance':26} {'GPUs':>4}  {'':4} {'$/hour':>9} {'hours':>8} "
+           f"{'total $':>11}"]
+    for c in est.costs[:MAX_COST_ROWS]:
+        fit = "  (does not fit)" if c.fits is False else ""
+        mark = "  <- cheapest that fits" if c.cheapest else ""
+        hours = f"{c.hours:,.1f}" if math.isfinite(c.hours) else "never"
+        total = "-" if not math.isfinite(c.total_usd) else (
+            f"{c.total_usd:,.0f}" if c.total_usd >= 100 else f"{c.total_usd:,.2f}")
+        out.append(f"  {c.cloud:8} {c.region:12} {c.instance:26} {c.gpus:>4}  {'spot' if c.spot else '':4} "
+                   f"{c.usd_per_hour:>9,.2f} {hours:>8} {total:>11}{fit}{mark}")
+    if len(est.costs) > MAX_COST_ROWS:
+        out.append(f"  ({len(est.costs) - MAX_COST_ROWS} more rows in --json)")
+    return out
+
+
 def format_estimate(est) -> str:  # noqa: ANN001  (launcher.estimate.estimator.Estimate)
     s, lay, mem = est.shape, est.layout, est.memory
     out: list[str] = []
     w = out.append
-    w(f"estimate for {est.recipe_name}")
+    w(f"estimate for {est.title or 'recipe ' + est.recipe_name}")
     w(f"model    {est.model}: {s.total:,} parameters ({s.num_layers} layers of {s.per_layer:,}; "
       f"embeddings {s.embeddings:,}; largest module {s.largest_module:,})")
     gpu = f" {est.gpu.name}" if est.gpu else " workers"
@@ -42,21 +100,11 @@ def format_estimate(est) -> str:  # noqa: ANN001  (launcher.estimate.estimator.E
     w(f"  {'total':{width}}{gib(per['total']):>9}" + (f"  of {gib(cap)} GiB on {est.gpu.name}" if cap else ""))
     w(f"  * DeepSpeed's model-states estimate: {gib(mem.deepspeed_gpu)} GiB per GPU, "
       f"{gib(mem.deepspeed_cpu)} GiB CPU per node; the other rows are what it leaves out")
-    if est.fits is True:
-        w(f"verdict  fits, with {gib(cap - per['total'])} GiB to spare per GPU")
-    elif est.fits is False:
-        w(f"verdict  does NOT fit: short by {gib(per['total'] - cap)} GiB per GPU")
-    else:
-        w("verdict  no GPU named: pass --gpu to check the fit")
+    w(_verdict(est))
     if est.suggestions:
-        w("changes that would make it fit (each re-estimated):" if any(x.fits for x in est.suggestions)
-          else "no single change makes it fit; closest:")
-        for x in est.suggestions[:8]:
-            mark = "fits " if x.fits else "short"
-            w(f"  [{mark}] {gib(x.per_gpu_total_bytes):>8} GiB  {x.description}")
-            w(f"           {x.change}")
+        out += _suggestion_lines(est)
     w("")
-    w(f"CPU memory per node: {gib(mem.cpu_per_node)} GiB")
+    w(_host_line(est))
     for r in mem.cpu_rows:
         w(f"  {r.name:{width}}{gib(r.bytes):>9}{'  *' if r.deepspeed else ''}")
     if mem.nvme_bytes_per_node:
@@ -79,25 +127,7 @@ def format_estimate(est) -> str:  # noqa: ANN001  (launcher.estimate.estimator.E
             w(f"         {t.steps:,} steps ({est.examples_source}), {t.total_tokens:,} tokens: "
               f"{_hours(t.total_hours)} wall, {t.total_hours * lay.world:,.0f} GPU-hours")
     if est.costs:
-        w("")
-        w(f"cost     prices as of {est.prices_as_of} ({est.prices_source}); spot includes expected "
-          "preemption losses")
-        w(f"  {'cloud':8} {'region':12} {'instance':26} {'GPUs':>4}  {'':4} {'$/hour':>9} {'hours':>8} "
-          f"{'total $':>11}")
-        for c in est.costs[:MAX_COST_ROWS]:
-            fit = "" if c.fits else "  (does not fit)"
-            mark = "  <- cheapest that fits" if c.cheapest else ""
-            hours = f"{c.hours:,.1f}" if math.isfinite(c.hours) else "never"
-            total = "-" if not math.isfinite(c.total_usd) else (
-                f"{c.total_usd:,.0f}" if c.total_usd >= 100 else f"{c.total_usd:,.2f}")
-            w(f"  {c.cloud:8} {c.region:12} {c.instance:26} {c.gpus:>4}  {'spot' if c.spot else '':4} "
-              f"{c.usd_per_hour:>9,.2f} {hours:>8} {total:>11}{fit}{mark}")
-        if len(est.costs) > MAX_COST_ROWS:
-            cheapest = next((c for c in est.costs if c.cheapest), None)
-            if cheapest and est.costs.index(cheapest) >= MAX_COST_ROWS:
-                w(f"  ... cheapest that fits: {cheapest.cloud} {cheapest.instance}"
-                  f"{' spot' if cheapest.spot else ''} ${cheapest.total_usd:,.0f}")
-            w(f"  ({len(est.costs) - MAX_COST_ROWS} more rows in --json)")
+        out += _cost_lines(est)
     if est.calibration:
         c = est.calibration
         w("")

@@ -1,4 +1,5 @@
-"""Changes that would make a recipe fit, each with its own new estimate."""
+"""Changes that would make a recipe fit, each with its own new estimate: GPU memory, host RAM
+per node (offload moves states there) and speed, next to the recipe's own layout."""
 
 from __future__ import annotations
 
@@ -6,6 +7,26 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from launcher.estimate.layout import Layout
+
+SLOW_FACTOR = 3.0
+"""A suggestion more than this many times slower (tokens/s) than the recipe's layout is marked."""
+
+
+@dataclass(frozen=True)
+class Check:
+    """What one layout needs and how fast it runs (made by the estimator for each candidate)."""
+
+    per_gpu_total_bytes: int
+    gpu_fits: bool
+    cpu_bytes_per_node: int
+    host_fits: bool
+    step_time_s: float | None = None
+    tokens_per_s: float | None = None
+    total_hours: float | None = None
+
+    @property
+    def fits(self) -> bool:
+        return self.gpu_fits and self.host_fits
 
 
 @dataclass
@@ -15,10 +36,25 @@ class Suggestion:
     description: str
     per_gpu_total_bytes: int
     fits: bool
+    """GPU memory and the node's host RAM both hold it."""
+    gpu_fits: bool = True
+    cpu_bytes_per_node: int = 0
+    host_fits: bool = True
+    step_time_s: float | None = None
+    total_hours: float | None = None
+    slowdown: float | None = None
+    """Recipe layout's tokens/s over this one's (2.0: takes twice as long per token)."""
+
+    @property
+    def slow(self) -> bool:
+        return self.slowdown is not None and self.slowdown > SLOW_FACTOR
 
     def to_json(self) -> dict[str, Any]:
         return {"change": self.change, "description": self.description,
-                "per_gpu_total_bytes": self.per_gpu_total_bytes, "fits": self.fits}
+                "per_gpu_total_bytes": self.per_gpu_total_bytes, "fits": self.fits, "gpu_fits": self.gpu_fits,
+                "cpu_bytes_per_node": self.cpu_bytes_per_node, "host_fits": self.host_fits,
+                "step_time_s": self.step_time_s, "total_hours": self.total_hours, "slowdown": self.slowdown,
+                "slow": self.slow}
 
 
 def _diff(base: Layout, lay: Layout) -> tuple[str, str]:
@@ -47,8 +83,9 @@ def _diff(base: Layout, lay: Layout) -> tuple[str, str]:
     return " ".join(keys), ", ".join(words)
 
 
-def suggest(base: Layout, total_for: Callable[[Layout], int], capacity: int, *, max_nodes: int = 64) -> list[Suggestion]:
-    """Single changes first, then cumulative ones, then more GPUs; each re-estimated."""
+def suggest(base: Layout, check: Callable[[Layout], Check], *, max_nodes: int = 64) -> list[Suggestion]:
+    """Single changes first, then cumulative ones, then more GPUs; each re-estimated by `check`
+    (GPU memory, host RAM, speed) and compared with the recipe's own layout."""
     candidates: list[Layout] = []
     if not base.grad_ckpt:
         candidates.append(base.with_(grad_ckpt=True))
@@ -82,21 +119,26 @@ def suggest(base: Layout, total_for: Callable[[Layout], int], capacity: int, *, 
         lay = more.with_(gpus_per_node=gpn, nodes=nodes)
         if lay.world % lay.pipeline_stages:
             continue
-        if total_for(lay) <= capacity:
+        if check(lay).fits:
             candidates.append(lay)
             if base.pipeline_stages == 1:
                 candidates.append(lay.with_(grad_ckpt=base.grad_ckpt, micro_batch=base.micro_batch,
                                             grad_accum=base.grad_accum))
             break
+    base_tps = check(base).tokens_per_s
     out: list[Suggestion] = []
     seen = set()
     for lay in candidates:
         if lay == base or lay in seen:
             continue
         seen.add(lay)
-        total = total_for(lay)
+        c = check(lay)
         change, words = _diff(base, lay)
-        out.append(Suggestion(change, words, total, total <= capacity))
-    # what fits first (least disruptive first: fewest changes), then the rest by memory
-    out.sort(key=lambda s: (not s.fits, s.change.count("=") if s.fits else 0, s.per_gpu_total_bytes))
+        slowdown = base_tps / c.tokens_per_s if base_tps and c.tokens_per_s else None
+        out.append(Suggestion(change, words, c.per_gpu_total_bytes, c.fits, c.gpu_fits, c.cpu_bytes_per_node,
+                              c.host_fits, c.step_time_s, c.total_hours, slowdown))
+    # what fits first (not much slower before much slower, then least disruptive: fewest changes),
+    # then the rest by memory
+    out.sort(key=lambda s: (not s.fits, s.slow if s.fits else False, s.change.count("=") if s.fits else 0,
+                            s.per_gpu_total_bytes))
     return out
