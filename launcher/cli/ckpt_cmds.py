@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from launcher.cli.app import Overrides, app, console, run_and_report
 from launcher.errors import UserError
@@ -22,6 +23,44 @@ RunDir = Annotated[Path, typer.Argument(help="A run directory.", show_default=Fa
 def _need_run_dir(run_dir: Path) -> None:
     if not (run_dir / "recipe.yaml").exists() and not (run_dir / "checkpoints").is_dir():
         raise UserError(f"{run_dir}: not a run directory (no recipe.yaml or checkpoints/)")
+
+
+def last_step(run_dir: Path) -> int | None:
+    """The last optimizer step the run reached: summary.json's `steps`, or the newest step in
+    metrics.jsonl (a run that crashed or was killed has no summary, and may have gone on past its
+    newest checkpoint)."""
+    from launcher.runtime.metrics import METRICS_FILE, read_metrics
+
+    steps = [m["step"] for m in read_metrics(run_dir / METRICS_FILE) if isinstance(m.get("step"), int)]
+    finished = _finished_at(run_dir)
+    return max([*steps, *([finished] if finished is not None else [])], default=None)
+
+
+SUMMARY_FILE = "summary.json"
+"""train_loop.SUMMARY_FILE, written when training ends (importing train_loop loads torch)."""
+
+
+def _finished_at(run_dir: Path) -> int | None:
+    """The step a finished run ended at (summary.json), None while it has not finished."""
+    try:
+        return int(json.loads((run_dir / SUMMARY_FILE).read_text())["steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def behind(run_dir: Path, step: int | None, newest: bool = True) -> tuple[int | None, str | None]:
+    """The run's last step, and a sentence when checkpoint `step` holds fewer steps than the run
+    trained: a crash, a kill or a run without `checkpoint.at_end` leaves steps in no checkpoint.
+    `newest`: `step` is the newest committed checkpoint (else one chosen with --step)."""
+    last = last_step(run_dir)
+    if last is None or step is None or step >= last:
+        return last, None
+    if not newest:
+        return last, f"step {step} is exported; the run went on to step {last}: {last - step} steps are not in it"
+    return last, (
+        f"the newest checkpoint is step {step}; the run went on to step {last}: {last - step} steps "
+        "are not in any checkpoint"
+    )
 
 
 @app.command()
@@ -45,10 +84,45 @@ def resume(
     from launcher.recipe import load_recipe
 
     _need_run_dir(run_dir)
-    if latest_committed(run_dir) is None:
-        raise UserError(f"{run_dir}: no committed checkpoint to resume from (`launcher ckpt list {run_dir}`)")
     recipe = load_recipe(run_dir / "recipe.yaml", overrides or [])
+    latest = latest_committed(run_dir)
+    # more epochs: the new end is known only once the data is built, so the run goes on
+    more_epochs = any(o.removeprefix("+").startswith("train.epochs=") for o in overrides or [])
+    newest = latest.step if latest else None
+    done = None if more_epochs else _nothing_to_resume(run_dir, recipe.train.max_steps, newest)
+    if done is not None:
+        if as_json:
+            print(json.dumps({"run_dir": str(run_dir), "finished": True, "steps": _finished_at(run_dir),
+                              "message": done}))
+        else:
+            console.print(done, highlight=False, markup=False)
+        return
+    if latest is None:
+        raise UserError(f"{run_dir}: no committed checkpoint to resume from (`launcher ckpt list {run_dir}`)")
     run_and_report(recipe, run_dir, ray_address=ray_address, as_json=as_json, resume=True)
+
+
+def _nothing_to_resume(run_dir: Path, max_steps: int | None, newest: int | None) -> str | None:
+    """Why a finished run has nothing to resume (None: it has). A finished run is resumed only
+    to train further (`train.max_steps` above where it ended) or to redo steps its newest
+    checkpoint lacks; without a checkpoint it cannot be continued at all (UserError)."""
+    ended = _finished_at(run_dir)
+    if ended is None:
+        return None  # stopped early (preempted, killed): the checkpoint is where it goes on
+    target = max_steps if max_steps is not None else ended  # epochs: the end it reached
+    if newest is not None and newest < target:
+        return None
+    further = f"launcher resume {run_dir} train.max_steps=M with M > {max(target, ended)}"
+    if newest is None:
+        if target > ended:
+            raise UserError(
+                f"{run_dir}: the run finished at step {ended} and saved no checkpoint, so it cannot go on "
+                f"to step {target}: train again with checkpoint.at_end=true (or checkpoint.every_steps)"
+            )
+        return (f"{run_dir} already finished at step {ended} ({SUMMARY_FILE}) and saved no checkpoint: "
+                "nothing to resume")
+    return (f"{run_dir} already finished at step {ended} ({SUMMARY_FILE}); its newest checkpoint is step "
+            f"{newest}: nothing to resume. To train further: {further}")
 
 
 def _size(n: int) -> str:
@@ -80,6 +154,7 @@ def ckpt_list(
 
     _need_run_dir(run_dir)
     latest = latest_committed(run_dir)
+    last, gap = behind(run_dir, latest.step if latest else None)
     rows = []
     for s in list_step_dirs(run_dir):
         files = [p for p in s.path.rglob("*") if p.is_file()]
@@ -91,12 +166,15 @@ def ckpt_list(
             "resume_from": latest is not None and s.path == latest.path,
             "bytes": sum(p.stat().st_size for p in files),
             "mtime": max((p.stat().st_mtime for p in files), default=s.path.stat().st_mtime),
+            "run_last_step": last,
+            "steps_after": None if last is None else max(0, last - s.step),
         })
     if as_json:
         print(json.dumps(rows, indent=2))
         return
     if not rows:
-        console.print(f"{run_dir}: no checkpoints", highlight=False)
+        console.print(f"{run_dir}: no checkpoints" + (f" (the run reached step {last})" if last else ""),
+                      highlight=False, markup=False)
         return
     table = Table()
     for col in ("", "step", "size", "state", "age", "path"):
@@ -106,6 +184,8 @@ def ckpt_list(
                       "committed" if r["committed"] else ("[red]incomplete[/]" if r["incomplete"] else "[yellow]uncommitted[/]"),
                       _age(r["mtime"]), r["path"])
     console.print(table)
+    if gap:
+        console.print(Text(f"note: {gap}", style="yellow"))
 
 
 @ckpt_app.command("verify")

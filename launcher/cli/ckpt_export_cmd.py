@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.text import Text
 
 from launcher.cli.app import console
-from launcher.cli.ckpt_cmds import ckpt_app
+from launcher.cli.ckpt_cmds import behind, ckpt_app
 from launcher.errors import UserError
 
 
@@ -95,9 +96,17 @@ def ckpt_export(
 
             summary = export_checkpoint(step_dir, out, recipe=recipe, dtype=dtype,
                                         max_shard_size=max_shard_size, progress=progress)
+    from launcher.checkpoint.layout import latest_committed, step_of
+
+    latest = latest_committed(run_dir)
+    last, gap = behind(run_dir, step_of(step_dir.name), latest is not None and latest.path == step_dir)
     if as_json:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps({**summary, "run_last_step": last, "steps_not_exported": (
+            None if last is None else max(0, last - (step_of(step_dir.name) or 0)))}, indent=2))
         return
+    if gap:
+        # the steps after the exported one are in no checkpoint: the export is an older model
+        console.print(Text(f"note: {gap}", style="yellow"))
     console.print(
         f"exported {step_dir.name} ({summary['params']:,} parameters, {summary['dtype']}) to {out}: "
         f"{len(summary['files']) - 1} safetensors file(s), {_human(summary['total_bytes'])} "
