@@ -58,6 +58,8 @@ def test_missing_required_keys():
         ("env", {"AWS_SECRET_ACCESS_KEY": "x"}, "looks like a secret"),
         ("env", {"1BAD": "x"}, "not a valid variable name"),
         ("usd_per_gpu_hour", -2, "must be 0 or more"),
+        ("node_memory_gb", 0, "host RAM of each node in GiB"),
+        ("node_memory_gb", "lots", "expected a number"),
     ],
 )
 def test_bad_values_name_the_key(key, value, message):
@@ -71,6 +73,16 @@ def test_valid_values():
     assert p.time_limit == "2-00:00:00" and p.env == {"N": "4"}
     for t in ("30", "30:00", "12:00:00", "1-12"):
         assert profile_from_dict(minimal(time_limit=t)).time_limit == t
+
+
+def test_host_memory_for_the_estimator():
+    # node_memory_gb wins; else mem_per_node in Slurm's binary units (M by default); 0 and empty: unknown
+    assert profile_from_dict(minimal(node_memory_gb=1152, mem_per_node="480G")).host_memory_gib() == 1152
+    assert profile_from_dict(minimal(mem_per_node="480G")).host_memory_gib() == 480
+    assert profile_from_dict(minimal(mem_per_node="2T")).host_memory_gib() == 2048
+    assert profile_from_dict(minimal(mem_per_node="512000")).host_memory_gib() == 500
+    assert profile_from_dict(minimal(mem_per_node="0")).host_memory_gib() is None
+    assert profile_from_dict(minimal()).host_memory_gib() is None
 
 
 def test_load_errors_name_the_file(tmp_path):

@@ -39,12 +39,16 @@ def _require(cond: bool, key: str, message: str) -> None:
 
 
 def check_common(usd_per_gpu_hour: float | None, setup: list[str], env: dict[str, str], *,
-                 secret_fix: str, reserved: tuple[str, ...] = (), reserved_by: str = "") -> None:
-    """Checks every backend's profile makes of its price, setup lines and environment: each setup
-    line splits into words, and no env entry is a secret (those come from the caller's environment)
-    or a reserved name."""
+                 secret_fix: str, reserved: tuple[str, ...] = (), reserved_by: str = "",
+                 node_memory_gb: float | None = None) -> None:
+    """Checks every backend's profile makes of its price, host RAM, setup lines and environment:
+    each setup line splits into words, and no env entry is a secret (those come from the caller's
+    environment) or a reserved name."""
     if usd_per_gpu_hour is not None:
         _require(usd_per_gpu_hour >= 0, "usd_per_gpu_hour", "must be 0 or more")
+    if node_memory_gb is not None:
+        _require(not isinstance(node_memory_gb, bool) and node_memory_gb > 0, "node_memory_gb",
+                 "host RAM of each node in GiB, more than 0, e.g. 2048")
     for i, line in enumerate(setup):
         try:
             words = shlex.split(line)
@@ -154,6 +158,22 @@ class ClusterProfile:
     usd_per_gpu_hour: float | None = None
     """On-prem cost of one GPU-hour in dollars, for the estimator and the run registry."""
 
+    node_memory_gb: float | None = None
+    """Host RAM of each node in GiB, for the estimator: optimizer states and parameters offloaded
+    to the CPU (`parallelism.offload_*`) must fit in it. Empty: `mem_per_node` when it names a
+    size, else the usual RAM of machines with the GPU type (e.g. 2048 for 8x H100)."""
+
+    def host_memory_gib(self) -> float | None:
+        """Host RAM per node for the estimator: `node_memory_gb`, else `mem_per_node` (Slurm's
+        units: K, M (the default), G, T, binary), else None (`0` asks for all of an unknown size)."""
+        if self.node_memory_gb is not None:
+            return float(self.node_memory_gb)
+        if not self.mem_per_node or self.mem_per_node == "0":
+            return None
+        unit = self.mem_per_node[-1] if self.mem_per_node[-1].isalpha() else "M"
+        number = float(self.mem_per_node.rstrip("KMGT"))
+        return number * {"K": 2**-20, "M": 2**-10, "G": 1, "T": 1024}[unit]
+
     def __post_init__(self) -> None:
         _require(bool(self.runs_root.strip()), "runs_root", "set a directory on the shared filesystem")
         _require("\n" not in self.runs_root and "\0" not in self.runs_root, "runs_root", "no newlines")
@@ -180,7 +200,7 @@ class ClusterProfile:
         _require(self.max_restarts >= 0, "max_restarts", "must be 0 or more")
         _require(self.ray_start_timeout_s >= 10, "ray_start_timeout_s", "must be at least 10")
         check_common(
-            self.usd_per_gpu_hour, self.setup, self.env,
+            self.usd_per_gpu_hour, self.setup, self.env, node_memory_gb=self.node_memory_gb,
             secret_fix="export it where you run `launcher submit` instead; the job inherits it and it "
             "is never written to the script or the run directory",
         )
