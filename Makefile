@@ -5,10 +5,14 @@ PY := $(VENV)/bin/python
 SKY_PY := .venv-sky/bin/python
 DEMO_DIR ?= runs/tiny-sft-demo
 
-.PHONY: setup demo test test-fast docs bench clean
+.PHONY: setup setup-test demo test test-fast docs bench clean
 
+# The demo needs .venv alone; the tests also need .venv-sky (SkyPilot's own task parser).
 setup:
 	@bash scripts/setup-env.sh
+
+setup-test:
+	@bash scripts/setup-env.sh --sky
 
 demo: setup
 	rm -rf $(DEMO_DIR)
@@ -23,7 +27,7 @@ demo: setup
 # where LAUNCHER_REQUIRE_SKYPILOT=1 makes a missing SkyPilot a failure.
 SLURM_DIR ?= /tmp/launcher-slurm
 
-test: setup
+test: setup-test
 	@export LAUNCHER_SLURM_DIR=$(SLURM_DIR) SLURM_CONF=$(SLURM_DIR)/slurm.conf; \
 	was_up=0; [ -f $$SLURM_CONF ] && timeout 5 sinfo -h >/dev/null 2>&1 && was_up=1; \
 	bash cluster/dev/slurm-up.sh >/dev/null; up=$$?; \

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Create .venv and install the project for CPU use (idempotent; re-runs only when inputs change).
 # torch goes first and pinned: an unpinned torch pulls a multi-GB CUDA build.
+# --sky also builds .venv-sky (SkyPilot's parser, ~460 MB): only the tests need it, not the demo.
 set -euo pipefail
+with_sky=0
+[ "${1:-}" = "--sky" ] && with_sky=1
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 SKYPILOT_VERSION=0.14.1
@@ -23,7 +26,7 @@ fi
 # SkyPilot pins click<8.2, which huggingface_hub 2.x refuses, so it cannot share .venv. Its own
 # venv holds SkyPilot and its dependencies and sees the project and .venv's packages after its
 # own (`.pth` files), so that the tests can run SkyPilot's task parser on what we render.
-if ! [ -f "$sky_stamp" ] || [ "$(cat "$sky_stamp")" != "$want" ]; then
+if [ "$with_sky" = 1 ] && { ! [ -f "$sky_stamp" ] || [ "$(cat "$sky_stamp")" != "$want" ]; }; then
   echo "setting up $sky_venv (SkyPilot $SKYPILOT_VERSION, for its task parser in the tests)..."
   [ -x "$sky_venv/bin/python" ] || "$PY" -m venv "$sky_venv"
   "$sky_venv/bin/python" -m pip install -q "skypilot==$SKYPILOT_VERSION"
