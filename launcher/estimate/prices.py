@@ -70,12 +70,13 @@ _SKY_NAMES = {"H100-80GB": "H100", "H200-141GB": "H200", "A100-80GB": "A100-80GB
               "L4-24GB": "L4", "A10G-24GB": "A10G", "V100-16GB": "V100", "V100-32GB": "V100-32GB"}
 
 
-def live_prices(timeout_s: float = LIVE_PRICES_TIMEOUT_S) -> tuple[PriceTable | None, str | None]:
-    """Prices from SkyPilot's catalog, read in a child process that gets `timeout_s` seconds.
-    Returns (table, None), or (None, why not) when SkyPilot is missing, slow or cannot read it.
-    Off (None) when LAUNCHER_OFFLINE_PRICES=1."""
+def live_prices(timeout_s: float | None = None) -> tuple[PriceTable | None, str | None]:
+    """Prices from SkyPilot's catalog, read in a child process that gets `timeout_s` seconds
+    (default LIVE_PRICES_TIMEOUT_S). Returns (table, None), or (None, why not) when SkyPilot is
+    missing, slow or cannot read it. Off (None) when LAUNCHER_OFFLINE_PRICES=1."""
     if os.environ.get("LAUNCHER_OFFLINE_PRICES") == "1":
         return None, "LAUNCHER_OFFLINE_PRICES=1"
+    timeout_s = LIVE_PRICES_TIMEOUT_S if timeout_s is None else timeout_s
     try:
         res = subprocess.run([sys.executable, "-m", "launcher.estimate.prices"], capture_output=True, text=True,
                              timeout=timeout_s, stdin=subprocess.DEVNULL)
