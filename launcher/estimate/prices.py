@@ -14,7 +14,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 PRICES_CSV = Path(__file__).parent / "data" / "prices.csv"
@@ -65,11 +65,6 @@ def load_prices(path: Path = PRICES_CSV) -> PriceTable:
     return PriceTable(offers, as_of, f"price table shipped with launcher ({path.name})")
 
 
-# SkyPilot's accelerator names for the estimator's GPUs
-_SKY_NAMES = {"H100-80GB": "H100", "H200-141GB": "H200", "A100-80GB": "A100-80GB", "A100-40GB": "A100",
-              "L4-24GB": "L4", "A10G-24GB": "A10G", "V100-16GB": "V100", "V100-32GB": "V100-32GB"}
-
-
 def live_prices(timeout_s: float | None = None) -> tuple[PriceTable | None, str | None]:
     """Prices from SkyPilot's catalog, read in a child process that gets `timeout_s` seconds
     (default LIVE_PRICES_TIMEOUT_S). Returns (table, None), or (None, why not) when SkyPilot is
@@ -78,7 +73,7 @@ def live_prices(timeout_s: float | None = None) -> tuple[PriceTable | None, str 
         return None, "LAUNCHER_OFFLINE_PRICES=1"
     timeout_s = LIVE_PRICES_TIMEOUT_S if timeout_s is None else timeout_s
     try:
-        res = subprocess.run([sys.executable, "-m", "launcher.estimate.prices"], capture_output=True, text=True,
+        res = subprocess.run([sys.executable, "-m", "launcher.estimate.live_catalog"], capture_output=True, text=True,
                              timeout=timeout_s, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
         return None, f"SkyPilot's catalog did not answer within {timeout_s:g} s"
@@ -95,48 +90,3 @@ def live_prices(timeout_s: float | None = None) -> tuple[PriceTable | None, str 
     if not offers:
         return None, "SkyPilot's catalog has no offers for these GPUs"
     return PriceTable(offers, data["as_of"], "SkyPilot catalog (live)"), None
-
-
-def _read_sky_catalog() -> dict:
-    """The child's work: SkyPilot's offers for the estimator's GPUs, as a JSON-ready dict."""
-    try:
-        import sky  # noqa: F401
-        from sky import catalog as sky_catalog
-    except Exception:  # noqa: BLE001  (missing or broken install: the caller uses the shipped table)
-        return {"error": "SkyPilot is not installed (pip install 'skypilot[aws]')"}
-    offers: list[Offer] = []
-    for ours, theirs in _SKY_NAMES.items():
-        found = sky_catalog.list_accelerators(gpus_only=True, name_filter=theirs, case_sensitive=False,
-                                              clouds=["aws", "gcp", "azure", "lambda"], all_regions=False)
-        for name, infos in found.items():
-            if name.lower() != theirs.lower():
-                continue
-            for i in infos:
-                if not i.price or i.price <= 0 or i.price >= 700:  # missing or placeholder prices
-                    continue
-                spot = i.spot_price if i.spot_price and i.spot_price > 0 else None
-                mem = getattr(i, "memory", None)
-                offers.append(Offer(str(i.cloud), getattr(i, "region", "") or "", i.instance_type or "",
-                                    ours, int(i.accelerator_count), float(i.price), spot, "skypilot-live",
-                                    float(mem) if mem else None))
-    from datetime import date
-
-    return {"offers": [asdict(o) for o in offers], "as_of": date.today().isoformat()}
-
-
-def _child_main() -> None:
-    # Keep the real stdout for the JSON alone: everything SkyPilot prints (Python or native) goes
-    # to stderr from here on.
-    out = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    try:
-        data = _read_sky_catalog()
-    except Exception as e:  # noqa: BLE001  (offline, no credentials, ...: reported, not fatal)
-        data = {"error": f"SkyPilot's catalog could not be read ({type(e).__name__}: {str(e)[:160]})"}
-    out.write(json.dumps(data))
-    out.flush()
-
-
-if __name__ == "__main__":
-    _child_main()
