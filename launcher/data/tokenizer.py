@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from launcher.errors import DataError
@@ -72,14 +71,12 @@ def bytes_tokenizer() -> PreTrainedTokenizerFast:
     return wrapped
 
 
-def _looks_local(name: str) -> bool:
-    return name.startswith(("/", "./", "../", "~")) or Path(name).expanduser().exists()
-
-
 def build_tokenizer(
-    cfg: TokenizerConfig, model_name_or_path: str | None
+    cfg: TokenizerConfig, model_name_or_path: str | None, *, trust_remote_code: bool = False
 ) -> PreTrainedTokenizerFast:
-    """The recipe's tokenizer, with a pad token (eos when the tokenizer has none)."""
+    """The recipe's tokenizer, with a pad token (eos when the tokenizer has none).
+    `trust_remote_code` is the recipe's model.trust_remote_code: a model that ships its own code
+    usually ships its tokenizer's too."""
     if cfg.builtin == "bytes":
         return bytes_tokenizer()
     name = cfg.name_or_path or model_name_or_path
@@ -91,19 +88,28 @@ def build_tokenizer(
         )
     from transformers import AutoTokenizer
 
-    if _looks_local(name) and not Path(name).expanduser().is_dir():
+    from launcher.pretrained import explain, is_local, local_path, offline
+
+    local = is_local(name)
+    if local and not local_path(name).is_dir():
         raise DataError(
-            f"{key}: tokenizer directory {name} does not exist: point tokenizer.name_or_path at a "
-            "directory with tokenizer files, or set tokenizer.builtin=bytes"
+            f"{key}: tokenizer directory {name} does not exist (resolved to {local_path(name)}): "
+            "point tokenizer.name_or_path at a directory with tokenizer files, or set "
+            "tokenizer.builtin=bytes"
         )
+    # Offline, say so explicitly: huggingface_hub reads HF_HUB_OFFLINE once, at import, and the
+    # driver sets it later when it finds the hub unreachable.
+    local_only = offline() and not local
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            str(Path(name).expanduser()) if _looks_local(name) else name
+            str(local_path(name)) if local else name,
+            trust_remote_code=trust_remote_code,
+            local_files_only=local_only,
         )
     except (OSError, ValueError) as e:
         raise DataError(
-            f"{key}: cannot load tokenizer {name!r} ({str(e).splitlines()[0]}): use a local "
-            "directory, a hub id reachable from here, or tokenizer.builtin=bytes"
+            f"{key}: {explain(name, e, local_only=local_only, what='tokenizer')}; or set "
+            "tokenizer.builtin=bytes"
         ) from None
     if tokenizer.pad_token is None:
         # Padding is always masked (labels -100, attention mask 0), so reusing eos is harmless.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -17,12 +16,13 @@ def model_config(cfg: ModelConfig, tokenizer: Any) -> Any:
     """The transformers config: the checkpoint's or the inline one, with recipe overrides."""
     from transformers import AutoConfig
 
+    from launcher.pretrained import load_config
+
     overrides = dict(cfg.config or {})
     if cfg.name_or_path:
-        if os.sep in cfg.name_or_path and not os.path.exists(cfg.name_or_path):
-            raise RecipeError("model.name_or_path", f"local directory {cfg.name_or_path} does not exist")
+        # a local directory or a hub id, as transformers resolves it (online, or the cache offline)
         overrides.pop("model_type", None)
-        config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+        config = load_config(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
         for k, v in overrides.items():
             setattr(config, k, v)
     else:
@@ -48,12 +48,14 @@ def build_model(cfg: ModelConfig, tokenizer: Any, *, seed: int) -> torch.nn.Modu
     transformers builds it inside `deepspeed.zero.Init` and no rank holds the full model."""
     from transformers import AutoModelForCausalLM
 
+    from launcher.pretrained import source
+
     torch.manual_seed(seed)  # identical init on every rank; ZeRO also broadcasts from rank 0
     config = model_config(cfg, tokenizer)
     kwargs = {"dtype": TORCH_DTYPES[cfg.dtype], "attn_implementation": cfg.attn_implementation}
     if cfg.name_or_path:
         model = AutoModelForCausalLM.from_pretrained(
-            cfg.name_or_path, config=config, trust_remote_code=cfg.trust_remote_code, **kwargs
+            source(cfg.name_or_path), config=config, trust_remote_code=cfg.trust_remote_code, **kwargs
         )
     else:
         model = AutoModelForCausalLM.from_config(config, **kwargs)
