@@ -56,7 +56,8 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe) -> None:
 
 
 def preflight(recipe: Recipe) -> tuple[Any, Any]:
-    """Build tokenizer and data here, so that bad input fails before any worker starts."""
+    """Build tokenizer and data here, so that bad input fails before any worker starts. Resolves
+    relative model and tokenizer directories in `recipe` to absolute ones (in place)."""
     from launcher.data import build_datasets, build_tokenizer
 
     if recipe.logging.wandb_project:
@@ -67,7 +68,21 @@ def preflight(recipe: Recipe) -> tuple[Any, Any]:
                 "logging.wandb_project is set but wandb is not installed: pip install wandb, "
                 "or remove logging.wandb_project"
             ) from None
-    tokenizer = build_tokenizer(recipe.tokenizer, recipe.model.name_or_path)
+    import sys
+
+    from launcher.pretrained import check_model, go_offline_if_unreachable, resolve_local_paths
+
+    # Relative model/tokenizer directories become absolute before the recipe is recorded and
+    # shipped: workers may run in another directory. Then config and tokenizer files (never
+    # weights) must resolve here, so a missing model exits 2 before Ray starts.
+    resolve_local_paths(recipe)
+    note = go_offline_if_unreachable(recipe)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    check_model(recipe)
+    tokenizer = build_tokenizer(
+        recipe.tokenizer, recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code
+    )
     if recipe.parallelism.pipeline_stages > 1:
         from launcher.runtime.model import model_config
         from launcher.runtime.pipeline import check_stages
