@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from launcher.data import build_datasets, build_tokenizer, render_prompt
 from launcher.data.sources import load_files
 from launcher.data.tokenizer import bytes_tokenizer
-from launcher.errors import DataError
+from launcher.errors import DataError, RecipeError
 from launcher.recipe import TokenizerConfig, from_dict
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -236,6 +237,35 @@ def test_tinyshakespeare_txt_documents_are_paragraphs(tok):
     assert tok.decode(stream) == "".join(f"<s>{p}</s>" for p in paragraphs)
 
 
+def test_synthetic_stories_are_packed_text_documents(tok):
+    """The pretraining example's data: generated, so it needs no file beside the project."""
+    r = recipe("pretrain", format="text", synthetic={"task": "stories", "num_examples": 300}, max_seq_len=256,
+               packing=True, eval_fraction=0.1)
+    splits = build_datasets(r, tok)
+    again = build_datasets(r, tok)
+    assert splits.train == again.train  # same seed, same rows
+    assert splits.stats["rows"] == 300 and splits.stats["eval_examples"] > 0
+    assert all(len(ex["input_ids"]) == 256 for ex in splits.train[:-1])
+    text = tok.decode([i for ex in splits.train for i in ex["input_ids"]])
+    stories = [s for s in text.split("<s>") if s]
+    assert len(stories) > 200
+    assert all(re.search(r"went home( from [a-z ]+)?\.</s>$", s) for s in stories[:-1])  # whole stories
+    # the counts in a story add up: what was given plus what is left is what there was
+    numbers = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+    for s in stories[:50]:
+        m = re.search(r"(\w+) had (\w+) (\w+) (\w+)\..*\1 gave (\w+) .*Now \1 had (\w+) and \w+ had \5\.", s)
+        assert m, s
+        had, gave, left = (numbers.index(m.group(i)) for i in (2, 5, 6))
+        assert had == gave + left and gave >= 1
+
+
+def test_synthetic_data_must_match_the_format():
+    with pytest.raises(RecipeError, match="data.synthetic.task=stories generates text rows: set data.format=text"):
+        recipe(format="alpaca", synthetic={"task": "stories"})
+    with pytest.raises(RecipeError, match="generates alpaca rows: set data.format=alpaca, or data.synthetic.task=stories"):
+        recipe("pretrain", format="text", synthetic={"task": "reverse"})
+
+
 def test_text_round_trips_non_ascii(tmp_path, tok):
     texts = ["naïve café — 日本語 🚀\tend", "Ελληνικά\r\nи русский"]
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": t} for t in texts])
@@ -275,6 +305,31 @@ def test_wrong_type_and_bad_turns_name_the_row(tmp_path, tok):
     path.write_text(json.dumps([conv]), encoding="utf-8")
     with pytest.raises(DataError, match=r"c\.json: row 1: turn 2 has speaker 'robot'"):
         build_datasets(recipe(path=[str(path)], format="sharegpt"), tok)
+
+
+def test_rows_of_another_format_name_the_format_they_look_like(tmp_path, tok):
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    path = write_jsonl(tmp_path / "chat.jsonl", [chat])
+    with pytest.raises(DataError) as err:
+        build_datasets(recipe(path=[str(path)], format="alpaca"), tok)
+    msg = str(err.value)
+    assert "row 1: missing field 'instruction' (data.format=alpaca)" in msg
+    assert "looks like data.format=chat (it has 'messages'): set data.format=chat" in msg
+    sharegpt = {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}
+    path = write_jsonl(tmp_path / "sg.jsonl", [sharegpt])
+    with pytest.raises(DataError, match=r"looks like data\.format=sharegpt \(it has 'conversations'\)"):
+        build_datasets(recipe("pretrain", path=[str(path)], format="text"), tok)
+    path = write_jsonl(tmp_path / "text.jsonl", [{"text": "plain"}])
+    with pytest.raises(DataError, match=r"looks like data\.format=text"):
+        build_datasets(recipe(path=[str(path)], format="chat"), tok)
+    path = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "a", "output": "b"}])
+    with pytest.raises(DataError, match=r"looks like data\.format=alpaca \(it has 'instruction'\)"):
+        build_datasets(recipe(path=[str(path)], format="sharegpt"), tok)
+    # a row of the right format with a field missing gets no guess
+    path = write_jsonl(tmp_path / "noout.jsonl", [{"instruction": "a", "messages": "x"}])
+    with pytest.raises(DataError) as err:
+        build_datasets(recipe(path=[str(path)], format="alpaca"), tok)
+    assert "missing field 'output'" in str(err.value) and "looks like" not in str(err.value)
 
 
 def test_invalid_json_line_names_the_row(tmp_path, tok):
