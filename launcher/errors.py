@@ -17,7 +17,9 @@ class RecipeError(UserError):
     the recipe file; `origin` where the value came from when that is not `source` itself (a base
     recipe named in `defaults:`, or COMMAND_LINE for a `key=value` override)."""
 
-    def __init__(self, key: str, message: str, *, source: str | None = None, origin: str | None = None) -> None:
+    def __init__(
+        self, key: str, message: str, *, source: str | None = None, origin: str | None = None
+    ) -> None:
         self.key = key
         self.message = message
         self.source = source

@@ -111,7 +111,8 @@ def _has_default(f: dataclasses.Field) -> bool:
 
 
 def _accepts_none(tp: Any) -> bool:
-    return tp is Any or (typing.get_origin(tp) in (Union, types.UnionType) and type(None) in typing.get_args(tp))
+    union = typing.get_origin(tp) in (Union, types.UnionType)
+    return tp is Any or (union and type(None) in typing.get_args(tp))
 
 
 def build(cls: type, data: Any, prefix: str = "") -> Any:

@@ -108,7 +108,9 @@ def _forget(origins: Origins, key: str) -> None:
         del origins[k]
 
 
-def _load_tree(path: Path, origins: Origins, name: str | None = None, seen: tuple[Path, ...] = ()) -> DictConfig:
+def _load_tree(
+    path: Path, origins: Origins, name: str | None = None, seen: tuple[Path, ...] = ()
+) -> DictConfig:
     """The recipe at `path` merged over its `defaults`, filling `origins` (`name`: how messages
     show this file; default: its path relative to the working directory)."""
     path = path.resolve()
