@@ -56,7 +56,9 @@ def behind(run_dir: Path, step: int | None, newest: bool = True) -> tuple[int | 
     if last is None or step is None or step >= last:
         return last, None
     if not newest:
-        return last, f"step {step} is exported; the run went on to step {last}: {last - step} steps are not in it"
+        return last, (
+            f"step {step} is exported; the run went on to step {last}: {last - step} steps are not in it"
+        )
     return last, (
         f"the newest checkpoint is step {step}; the run went on to step {last}: {last - step} steps "
         "are not in any checkpoint"
@@ -76,7 +78,8 @@ def resume(
 
     Overrides may change harmless keys (train.max_steps, logging, checkpoint interval, the
     number of workers); a change to the model, tokenizer or data is refused. Exit code 75 if
-    preempted again.
+    preempted again. A run that finished, with nothing left to train (raise train.max_steps to go
+    on), says so and exits 0.
 
     Example: launcher resume runs/tiny-sft-demo train.max_steps=600
     """
@@ -120,7 +123,7 @@ def _nothing_to_resume(run_dir: Path, max_steps: int | None, newest: int | None)
                 f"to step {target}: train again with checkpoint.at_end=true (or checkpoint.every_steps)"
             )
         return (f"{run_dir} already finished at step {ended} ({SUMMARY_FILE}) and saved no checkpoint: "
-                "nothing to resume")
+                "nothing to resume (to go on from the end next time, train with checkpoint.at_end=true)")
     return (f"{run_dir} already finished at step {ended} ({SUMMARY_FILE}); its newest checkpoint is step "
             f"{newest}: nothing to resume. To train further: {further}")
 
