@@ -19,7 +19,8 @@ from pathlib import Path
 
 PRICES_CSV = Path(__file__).parent / "data" / "prices.csv"
 LIVE_PRICES_TIMEOUT_S = 20.0
-"""How long `--live-prices` waits for SkyPilot's catalog before using the shipped table."""
+"""How long `--live-prices` waits for SkyPilot's catalog before using the shipped table
+(LAUNCHER_LIVE_PRICES_TIMEOUT_S overrides)."""
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,8 @@ def live_prices(timeout_s: float | None = None) -> tuple[PriceTable | None, str 
     missing, slow or cannot read it. Off (None) when LAUNCHER_OFFLINE_PRICES=1."""
     if os.environ.get("LAUNCHER_OFFLINE_PRICES") == "1":
         return None, "LAUNCHER_OFFLINE_PRICES=1"
-    timeout_s = LIVE_PRICES_TIMEOUT_S if timeout_s is None else timeout_s
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("LAUNCHER_LIVE_PRICES_TIMEOUT_S") or LIVE_PRICES_TIMEOUT_S)
     try:
         res = subprocess.run([sys.executable, "-m", "launcher.estimate.live_catalog"], capture_output=True, text=True,
                              timeout=timeout_s, stdin=subprocess.DEVNULL)
