@@ -42,9 +42,12 @@ def notice_window_s(configured: float | None, env: dict[str, str] | None = None)
     return WINDOWS_S["local"]
 
 
-def request_stop(run_dir: Path, signum: int, window_s: float) -> None:
+def request_stop(run_dir: Path, signum: int, window_s: float, *, abort: bool = False) -> None:
+    """Ask every rank to stop after its current step (`abort`: and to commit nothing more)."""
     now = time.time()
     doc = {"signal": signal.Signals(signum).name, "time": now, "deadline": now + window_s}
+    if abort:
+        doc["abort"] = True
     tmp = run_dir / f"{STOP_FILE}.tmp"
     tmp.write_text(json.dumps(doc))
     os.replace(tmp, run_dir / STOP_FILE)
@@ -55,6 +58,20 @@ def read_stop(run_dir: Path) -> dict[str, Any] | None:
         return json.loads((run_dir / STOP_FILE).read_text())
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def record_abort(run_dir: Path, signal_name: str) -> None:
+    """The driver's record of a stop it did not wait for (a second signal): the last logged step,
+    nothing committed by this stop. A record the ranks already wrote is kept."""
+    from launcher.runtime.metrics import METRICS_FILE, read_metrics
+
+    path = run_dir / PREEMPTED_FILE
+    if path.exists():
+        return
+    steps = [r["step"] for r in read_metrics(run_dir / METRICS_FILE) if "loss" in r and not r.get("eval")]
+    doc = {"step": steps[-1] if steps else 0, "signal": signal_name, "time": time.time(),
+           "committed": None, "aborted": True}
+    path.write_text(json.dumps(doc) + "\n")
 
 
 def clear(run_dir: Path) -> None:
@@ -96,6 +113,13 @@ class WorkerSignals:
         for s, h in self._old.items():
             signal.signal(s, h)
         self._old.clear()
+
+    def stop_signal(self, run_dir: Path) -> str | None:
+        """The signal behind the stop: this rank's own, else the one named in the driver's request."""
+        if self.signal_name is not None:
+            return self.signal_name
+        stop = read_stop(run_dir)
+        return stop.get("signal") if stop else None
 
     def deadline(self, run_dir: Path) -> float | None:
         """When this rank must be gone, or None if no stop was requested."""

@@ -1,31 +1,46 @@
-"""Live training progress in the driver's terminal, from the run's metrics.jsonl."""
+"""Live training progress in the driver's terminal, from the run's metrics.jsonl.
+
+Before the first step, the display names the phase the job is in ("starting Ray", "starting 2
+workers", "building the model"): the driver announces its own phases through `Display.phase`,
+and rank 0 writes its phase to RUN_DIR/.phase (see `launcher.runtime.driver.write_phase`).
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from launcher.runtime.driver import PHASE_FILE
 from launcher.runtime.metrics import METRICS_FILE
 
 
 class _Tail:
-    """Reads new complete lines of a growing file."""
+    """Reads new complete lines of a growing file. A file replaced or cut shorter (a resume
+    truncates metrics.jsonl to the checkpoint's step) is read again from its start."""
 
     def __init__(self, path: Path):
         self.path = path
         self.offset = 0
         self.partial = ""
+        self.inode: int | None = None
 
     def lines(self) -> list[dict]:
-        if not self.path.exists():
+        try:
+            f = open(self.path)
+        except FileNotFoundError:
             return []
-        with open(self.path) as f:
+        with f:
+            st = os.fstat(f.fileno())
+            if st.st_ino != self.inode or st.st_size < self.offset:
+                self.inode, self.offset, self.partial = st.st_ino, 0, ""
             f.seek(self.offset)
             chunk = f.read()
             self.offset = f.tell()
@@ -40,59 +55,104 @@ class _Tail:
         return out
 
 
-@contextmanager
-def training_progress(run_dir: Path, console: Console) -> Iterator[None]:
-    """A progress bar (step, loss, tokens/s) on a terminal; periodic plain lines elsewhere."""
-    tail = _Tail(run_dir / METRICS_FILE)
-    stop = threading.Event()
-    live = console.is_terminal
-    progress = Progress(
-        TextColumn("[bold]train"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TextColumn("{task.fields[tps]} tok/s"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not live,
-    )
-    task = progress.add_task("train", total=None, loss="-", tps="-")
-    state = {"total": None, "printed": 0}
+class Display:
+    """What the driver shows while a job runs: phases, then steps. On a terminal a live progress
+    bar whose description is the phase; elsewhere one plain line per phase and every tenth step."""
 
-    def handle(rec: dict) -> None:
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.live = console.is_terminal
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[tps]} tok/s"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not self.live,
+        )
+        self.task = self.progress.add_task("starting", total=None, loss="-", tps="-")
+        self.total: int | None = None
+        self.training = False
+        self.last_phase: str | None = None
+        self.lock = threading.Lock()  # phases come from the driver's thread and the tail's
+
+    def phase(self, text: str) -> None:
+        """Announce what the job is doing until the first step (later phases are ignored)."""
+        with self.lock:
+            if self.training or text == self.last_phase:
+                return
+            self.last_phase = text
+            if self.live:
+                self.progress.update(self.task, description=escape(text))
+                self.progress.refresh()  # shown now, however short the phase
+            else:
+                self.console.print(text, markup=False, highlight=False)
+
+    def _train(self) -> None:
+        with self.lock:
+            if not self.training:
+                self.training = True
+                self.progress.update(self.task, description="train")
+
+    def record(self, rec: dict) -> None:
         if rec.get("event") == "start":
-            state["total"] = rec["total_steps"]
-            progress.update(task, total=rec["total_steps"])
-            if not live:
-                console.print(f"training: {rec['total_steps']} steps on {rec['world_size']} workers")
+            self.total = rec["total_steps"]
+            self.progress.update(self.task, total=rec["total_steps"])
+            if not self.live:
+                self.console.print(f"training: {rec['total_steps']} steps on {rec['world_size']} workers")
+        elif rec.get("event") == "resume" and not self.live:
+            self.console.print(f"resumed at step {rec['step']} on {rec['world_size']} workers", highlight=False)
         elif rec.get("eval"):
-            console.print(f"  step {rec['step']}: eval loss {rec['eval_loss']:.4f}")
+            self.console.print(f"  step {rec['step']}: eval loss {rec['eval_loss']:.4f}")
         elif "loss" in rec:
-            progress.update(task, completed=rec["step"], loss=f"{rec['loss']:.4f}", tps=f"{rec['tokens_per_s']:,.0f}")
-            total = state["total"] or 0
-            every = max(1, total // 10)
-            if not live and (rec["step"] % every == 0 or rec["step"] == 1):
-                console.print(
-                    f"  step {rec['step']}/{total}  loss {rec['loss']:.4f}  "
+            self._train()
+            self.progress.update(self.task, completed=rec["step"], loss=f"{rec['loss']:.4f}",
+                                 tps=f"{rec['tokens_per_s']:,.0f}")
+            every = max(1, (self.total or 0) // 10)
+            if not self.live and (rec["step"] % every == 0 or rec["step"] == 1):
+                self.console.print(
+                    f"  step {rec['step']}/{self.total or '?'}  loss {rec['loss']:.4f}  "
                     f"{rec['tokens_per_s']:,.0f} tok/s  {rec['elapsed_s']:.0f}s"
                 )
 
+
+def _read_phase(path: Path) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+@contextmanager
+def training_progress(run_dir: Path, console: Console) -> Iterator[Display]:
+    """A progress bar (phase, then step, loss, tokens/s) on a terminal; plain lines elsewhere.
+    Yields the `Display`, whose `phase(text)` the driver calls as it goes."""
+    tail = _Tail(run_dir / METRICS_FILE)
+    phase_file = run_dir / PHASE_FILE
+    stop = threading.Event()
+    display = Display(console)
+
+    def poll_once() -> None:
+        phase = _read_phase(phase_file)
+        if phase:
+            display.phase(phase)
+        for rec in tail.lines():
+            display.record(rec)
+
     def poll() -> None:
         while not stop.is_set():
-            for rec in tail.lines():
-                handle(rec)
+            poll_once()
             stop.wait(0.5)
-        for rec in tail.lines():
-            handle(rec)
+        poll_once()
 
-    if not live:
-        console.print("starting workers (Ray + DeepSpeed)...")
     thread = threading.Thread(target=poll, daemon=True)
-    with progress:
+    with display.progress:
         thread.start()
         try:
-            yield
+            yield display
         finally:
             stop.set()
             thread.join()

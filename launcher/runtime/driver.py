@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,14 @@ from launcher.recipe.sections import Recipe
 
 # Workers write their stdout/stderr here instead of the driver's terminal.
 LOG_DIR = "logs"
+# What rank 0 is doing before its first step, one line; the driver's progress display shows it.
+PHASE_FILE = ".phase"
+
+
+def write_phase(run_dir: Path, text: str) -> None:
+    tmp = run_dir / f"{PHASE_FILE}.tmp"
+    tmp.write_text(text + "\n")
+    os.replace(tmp, run_dir / PHASE_FILE)  # the display never reads half a line
 
 
 @dataclass
@@ -45,19 +54,39 @@ def _worker_entry(config: dict[str, Any]) -> None:
     import ray
     import ray.train
 
-    from launcher.runtime.train_loop import train
+    from launcher.runtime.quiet import quiet_libraries
 
     run_dir = Path(config["run_dir"])
-    rank = ray.train.get_context().get_world_rank()
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
     node_id = ray.get_runtime_context().get_node_id()
     log_dir = run_dir / LOG_DIR
     log_dir.mkdir(parents=True, exist_ok=True)
     _redirect_output(log_dir / f"rank-{rank}.log")
     (log_dir / f"rank-{rank}.node").write_text(node_id + "\n")
+    print(f"launcher: rank {rank} of {world} on node {node_id[:12]}, pid {os.getpid()}, run {run_dir}", flush=True)
+    if rank == 0:
+        write_phase(run_dir, "loading PyTorch, DeepSpeed and transformers on the workers")
+    quiet_libraries()  # before the imports below: some libraries warn while importing
+    from launcher.runtime.train_loop import train
+
+    quiet_libraries(loaded=True)
     recipe = from_dict(config["recipe"])
     data = ray.get(config["data_ref"]) if config.get("data_ref") is not None else None
     tokenizer = ray.get(config["tokenizer_ref"]) if config.get("tokenizer_ref") is not None else None
-    train(recipe, run_dir, tokenizer=tokenizer, data=data, resume=config.get("resume", True))
+    if rank == 0:
+        write_phase(run_dir, "building the model and the DeepSpeed engine")
+    print("launcher: building the model and the DeepSpeed engine", flush=True)
+    summary = train(recipe, run_dir, tokenizer=tokenizer, data=data, resume=config.get("resume", True))
+    print(f"launcher: {_ending(summary)}", flush=True)
+
+
+def _ending(summary: dict[str, Any]) -> str:
+    """The worker's last log line."""
+    if summary.get("preempted"):
+        committed = summary.get("committed") or "no checkpoint committed"
+        return f"stopped after step {summary.get('step')} ({summary.get('signal') or 'stop request'}): {committed}"
+    return f"done: {summary.get('steps')} steps, final loss {summary.get('final_loss')}"
 
 
 def _redirect_output(path: Path) -> None:
@@ -118,15 +147,21 @@ def run_on_ray(
     data: Any,
     ray_address: str | None = None,
     resume: bool = True,
+    phase: Callable[[str], None] | None = None,
 ) -> None:
     """Run the recipe's workers on Ray; returns when training has finished or stopped on every
     worker. A first SIGTERM/SIGINT/SIGUSR1 asks the workers to checkpoint and stop (see
-    `launcher.checkpoint.preempt`); a second one abandons the save and exits at once."""
+    `launcher.checkpoint.preempt`); a second one abandons the save and returns at once, with
+    RUN_DIR/preempted.json saying so. `phase(text)` hears what the job is doing before its
+    first step."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    say = phase or (lambda text: None)
     plan = ray_plan(recipe)
+    say(f"joining Ray at {ray_address or os.environ.get('RAY_ADDRESS')}"
+        if ray_address or os.environ.get("RAY_ADDRESS") else "starting Ray")
     started = _init_ray(ray_address, plan)
     try:
         config = {
@@ -152,9 +187,12 @@ def run_on_ray(
                 failure_config=FailureConfig(max_failures=recipe.checkpoint.max_worker_restarts),
             ),
         )
+        say(f"starting {plan.num_workers} worker{'s' if plan.num_workers != 1 else ''}")
         try:
             with forward_stop_signals(run_dir, recipe):
-                trainer.fit()
+                _fit_off_the_main_thread(trainer)
+        except StopNow:
+            return  # the finally below shuts Ray down, which ends the workers mid-step
         except Exception as e:  # Ray wraps worker exceptions; surface the user's own mistakes
             user = _unwrap_user_error(e)
             if user is not None:
@@ -165,10 +203,37 @@ def run_on_ray(
             ray.shutdown()
 
 
+def _fit_off_the_main_thread(trainer: Any) -> None:
+    """Ray Train's fit(), called on the main thread, replaces the SIGINT handler with its own,
+    which aborts the run without a checkpoint (Ctrl-C exited 1). Called on another thread it
+    leaves ours in place (as under Ray Tune). The main thread waits in short joins, so that our
+    handlers run at once."""
+    box: dict[str, BaseException] = {}
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as e:  # handed to the main thread, which raises it
+            box["error"] = e
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+    if "error" in box:
+        raise box["error"]
+
+
+class StopNow(BaseException):
+    """Raised on the main thread by a second stop signal: leave without waiting for the workers.
+    A BaseException, so that no `except Exception` on the way swallows it."""
+
+
 @contextmanager
 def forward_stop_signals(run_dir: Path, recipe: Recipe) -> Iterator[None]:
     """While the workers train: the first signal writes the stop request they poll after every
-    step; the second abandons everything (an unfinished save stays uncommitted) and exits."""
+    step; the second marks it aborted (a save in progress is never committed), records the stop
+    in preempted.json and raises StopNow; a third exits the process at once."""
     import signal
 
     from launcher.checkpoint import preempt
@@ -180,18 +245,19 @@ def forward_stop_signals(run_dir: Path, recipe: Recipe) -> Iterator[None]:
     def handle(signum: int, frame: Any) -> None:
         nonlocal count
         count += 1
+        name = signal.Signals(signum).name
         if count == 1:
             preempt.request_stop(run_dir, signum, window)
-            print(f"launcher: {signal.Signals(signum).name}: checkpointing and stopping after this step "
-                  f"(send it again to abort at once)", file=sys.stderr, flush=True)
+            print(f"launcher: {name}: checkpointing and stopping after this step "
+                  f"(press Ctrl-C again or send it again to stop at once)", file=sys.stderr, flush=True)
             return
-        print("launcher: second signal: aborting without committing a checkpoint", file=sys.stderr, flush=True)
-        import ray
-
-        try:
-            ray.shutdown()
-        finally:
-            os._exit(EXIT_PREEMPTED)
+        if count == 2:
+            preempt.request_stop(run_dir, signum, window, abort=True)
+            preempt.record_abort(run_dir, name)
+            print(f"launcher: second {name}: stopping at once, without committing a checkpoint",
+                  file=sys.stderr, flush=True)
+            raise StopNow()
+        os._exit(EXIT_PREEMPTED)  # Ray's shutdown itself hangs: leave now
 
     old = {s: signal.signal(s, handle) for s in preempt.SIGNALS}
     try:

@@ -105,8 +105,9 @@ def run_job(
     notify: Any = None,
 ) -> JobResult:
     """Train `recipe` with its run directory at `run_dir`. `progress(run_dir)` is a context
-    manager that displays live progress while the workers train; `notify(message)` hears about
-    resumes and restarts.
+    manager that displays live progress while the workers train (what it yields may have a
+    `phase(text)` method, told what the job is doing before its first step); `notify(message)`
+    hears about resumes and restarts, and the phases when there is no such display.
 
     A run directory that already holds a run is resumed from its newest committed checkpoint
     (`resume=False`: the old run is moved aside and training starts over). Returns with
@@ -115,7 +116,7 @@ def run_job(
 
     from launcher.checkpoint import preempt
     from launcher.checkpoint.preflight import check_resume
-    from launcher.runtime.driver import run_on_ray
+    from launcher.runtime.driver import PHASE_FILE, run_on_ray
 
     say = notify or (lambda message: None)
     check_run_dir(run_dir)
@@ -147,9 +148,11 @@ def run_job(
     prepare_run_dir(run_dir, recipe)
     preempt.clear(run_dir)
     (run_dir / SUMMARY_FILE).unlink(missing_ok=True)
+    (run_dir / PHASE_FILE).unlink(missing_ok=True)  # an earlier run's
     (run_dir / "data_stats.json").write_text(json.dumps(data.stats, indent=2) + "\n")
-    with progress(run_dir) if progress else nullcontext():
-        run_on_ray(recipe, run_dir, tokenizer=tokenizer, data=data, ray_address=ray_address, resume=resume)
+    with progress(run_dir) if progress else nullcontext() as display:
+        run_on_ray(recipe, run_dir, tokenizer=tokenizer, data=data, ray_address=ray_address, resume=resume,
+                   phase=getattr(display, "phase", None) or say)
     stopped = run_dir / preempt.PREEMPTED_FILE
     if stopped.exists():
         return JobResult(run_dir, {}, preempted=json.loads(stopped.read_text()))

@@ -415,7 +415,7 @@ def train(
         if writer:
             writer.log(record)
         if g_stop:
-            preempted = {"step": step, "signal": signals.signal_name, "time": now}
+            preempted = {"step": step, "signal": signals.stop_signal(run_dir), "time": now}
             preempted["committed"] = _save_if_time(save, ckpt, step, deadline, now)
             break
         if data.eval and t.eval_every and step % t.eval_every == 0 and step != steps:
