@@ -127,6 +127,11 @@ def explain(name: str, exc: BaseException, *, local_only: bool, what: str = "mod
             f"{name} is not a local directory and not a repository on {hub_endpoint()}: check the "
             "id; for a private repository set HF_TOKEN"
         )
+    if "trust_remote_code" in str(exc) or "contains custom code" in str(exc):
+        return (
+            f"{name} ships its own code for its {what}: set model.trust_remote_code=true if you "
+            "trust it, or choose one that transformers supports natively"
+        )
     if is_local(name):
         return f"cannot load the {what} in {name} ({first}): point it at a directory written by save_pretrained"
     if local_only or any(isinstance(e, (hub.LocalEntryNotFoundError, hub.OfflineModeIsEnabled)) for e in chain):
@@ -137,11 +142,6 @@ def explain(name: str, exc: BaseException, *, local_only: bool, what: str = "mod
             f"{name} not found locally or in the Hugging Face cache ({hub_cache()}), and {why}: "
             f"check the id, run `hf download {name}` where the hub is reachable (into the cache "
             "HF_HUB_CACHE or HF_HOME points at), or unset HF_HUB_OFFLINE"
-        )
-    if "trust_remote_code" in str(exc):
-        return (
-            f"{name} ships its own model code: set model.trust_remote_code=true if you trust it, "
-            "or choose a model that transformers supports natively"
         )
     return f"cannot load the {what} {name} ({first})"
 

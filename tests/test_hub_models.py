@@ -147,3 +147,169 @@ def chat_rows(path: Path, n: int = 64) -> Path:
 def text_docs(path: Path, n: int = 80) -> Path:
     path.write_text("\n\n".join(_corpus(n)) + "\n")
     return path
+
+
+def pretrained_norm_snapshot(out: Path) -> None:
+    """save_pretrained_model, with the final norm's weights at 0.5 (random init gives 1.0), so a
+    trained export shows that the workers started from these weights, not from a fresh init."""
+    from safetensors.torch import load_file, save_file
+
+    save_pretrained_model(out)
+    weights = load_file(out / "model.safetensors")
+    weights["model.norm.weight"] = torch.full_like(weights["model.norm.weight"], 0.5)
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+
+
+def check_export(export: Path, start: Path) -> None:
+    """The export reloads with transformers, its tokenizer is the snapshot's, and its weights are
+    the snapshot's after a few small steps: moved, but close."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(export)
+    want = AutoTokenizer.from_pretrained(start)
+    assert tok.get_vocab() == want.get_vocab() and tok.chat_template == want.chat_template
+    assert tok("apple banana").input_ids == want("apple banana").input_ids
+    initial = load_file(start / "model.safetensors")
+    trained = dict(model.named_parameters())
+    norm = trained["model.norm.weight"].detach()
+    assert not torch.equal(norm, initial["model.norm.weight"])  # training happened
+    assert (norm - 0.5).abs().max() < 0.05  # ... starting from the snapshot (a fresh init is 1.0)
+    w0, w1 = initial["model.layers.0.mlp.up_proj.weight"], trained["model.layers.0.mlp.up_proj.weight"].detach()
+    assert 0 < (w1 - w0).norm() < 0.5 * w0.norm()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([tok("apple banana").input_ids])).logits
+    assert logits.shape[-1] == len(want) and torch.isfinite(logits).all()
+
+
+@pytest.mark.slow
+def test_fine_tune_by_hub_id_offline_and_from_a_relative_directory(tmp_path):
+    """SFT by hub id from the offline cache, and pretraining from `models/mine` relative to the
+    command's directory: ZeRO-3, 2 CPU workers, the real CLI; then export and reload both."""
+    saved = tmp_path / "saved"
+    pretrained_norm_snapshot(saved)
+    cache = tmp_path / "hf-home" / "hub"
+    add_to_hub_cache(cache, REPO, saved)
+    env = hub_env({"home": tmp_path / "hf-home", "cache": cache})
+    work = tmp_path / "work"
+    shutil.copytree(saved, work / "models" / "mine")
+
+    # by hub id: only the temporary cache has it, and only the environment says where that is,
+    # so a worker that trains has seen HF_HUB_CACHE and HF_HUB_OFFLINE
+    sft = write_recipe(work / "sft.yaml", REPO, task="sft", data=chat_rows(work / "chat.jsonl"))
+    res = launcher(["run", sft, "--run-dir", "runs/sft"], env=env, cwd=work)
+    assert res.returncode == 0, res.stdout + res.stderr
+    recorded = yaml.safe_load((work / "runs/sft/recipe.yaml").read_text())
+    assert recorded["model"]["name_or_path"] == REPO  # a hub id travels as it is
+    for rank in (0, 1):
+        log = (work / f"runs/sft/logs/rank-{rank}.log").read_text()
+        assert "Retrying" not in log and "couldn't connect" not in log
+
+    # from a relative directory, pretraining with packing
+    pre = write_recipe(work / "pre.yaml", "models/mine", task="pretrain", data=text_docs(work / "docs.txt"))
+    res = launcher(["run", pre, "--run-dir", "runs/pre"], env=env, cwd=work)
+    assert res.returncode == 0, res.stdout + res.stderr
+    recorded = yaml.safe_load((work / "runs/pre/recipe.yaml").read_text())
+    assert recorded["model"]["name_or_path"] == str(work / "models" / "mine")  # absolute for the workers
+
+    for run in ("sft", "pre"):
+        res = launcher(["ckpt", "export", f"runs/{run}", "--out", f"hf/{run}", "--dtype", "fp32"], env=env, cwd=work)
+        assert res.returncode == 0, res.stdout + res.stderr
+        check_export(work / "hf" / run, saved)
+
+
+# --------------------------------------------------------------------------------------------
+# fast: the driver's checks
+
+
+def test_missing_hub_model_offline_exits_2_before_ray_starts(tmp_path, pretrained):
+    work = tmp_path / "work"
+    work.mkdir()
+    recipe = write_recipe(work / "sft.yaml", "nobody/no-such-model", task="sft", data=chat_rows(work / "chat.jsonl"))
+    res = launcher(["run", recipe, "--run-dir", "runs/x"], env=hub_env(pretrained), cwd=work, timeout=300)
+    out = res.stdout + res.stderr
+    assert res.returncode == 2, out
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "model.name_or_path" in errors[0] and "nobody/no-such-model" in errors[0]
+    assert "hf download nobody/no-such-model" in errors[0] and "HF_HUB_OFFLINE" in errors[0]
+    assert "Traceback" not in out and "starting workers" not in out
+    assert not (work / "runs" / "x" / "ray").exists() and not (work / "runs" / "x" / "logs").exists()
+
+
+def _recipe(model: str, **tokenizer):
+    from conftest import tiny_recipe_dict
+    from launcher.recipe import from_dict
+
+    d = tiny_recipe_dict()
+    d["model"] = {"name_or_path": model, "dtype": "fp32"}
+    d["tokenizer"] = tokenizer
+    return from_dict(d)
+
+
+def test_unreachable_hub_fails_fast_without_retries(monkeypatch, capfd):
+    """Not offline, but the hub does not answer: one short probe, then the cache alone decides
+    (and the workers Ray would start inherit HF_HUB_OFFLINE=1), instead of ~50 s of retries."""
+    import launcher.pretrained as pretrained
+    from launcher.runtime.job import preflight
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(pretrained, "_unreachable", False)
+    with pytest.raises(RecipeError, match=r"^model\.name_or_path: nobody/no-such-model not found") as e:
+        preflight(_recipe("nobody/no-such-model"))
+    assert "127.0.0.1:9) is unreachable" in str(e.value)
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    err = capfd.readouterr().err
+    assert "unreachable from here: using the local cache" in err and "Retrying" not in err
+
+
+def test_relative_model_directory_resolves_against_the_working_directory(tmp_path, monkeypatch, pretrained):
+    from launcher.pretrained import is_local, resolve_local_paths
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(pretrained["dir"], tmp_path / "models" / "mine")
+    assert is_local("models/mine") and is_local("./x") and is_local("../x") and is_local("/x") and is_local("~/x")
+    assert not is_local("models/missing") and not is_local("meta-llama/Llama-3.1-8B")
+
+    r = _recipe("models/mine", name_or_path="./models/mine/")
+    resolve_local_paths(r)
+    assert r.model.name_or_path == r.tokenizer.name_or_path == str(tmp_path / "models" / "mine")
+    hub = _recipe("meta-llama/Llama-3.1-8B")
+    resolve_local_paths(hub)
+    assert hub.model.name_or_path == "meta-llama/Llama-3.1-8B"  # a hub id, left to transformers
+    with pytest.raises(RecipeError, match=r"model\.name_or_path: local directory \./models/other not found") as e:
+        resolve_local_paths(_recipe("./models/other"))
+    assert str(tmp_path) in str(e.value)
+
+
+def test_trust_remote_code_reaches_the_tokenizer(tmp_path):
+    from launcher.data import build_tokenizer
+    from launcher.data.tokenizer import bytes_tokenizer
+    from launcher.recipe import TokenizerConfig
+
+    bytes_tokenizer().save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    cfg.update(auto_map={"AutoTokenizer": [None, "custom_tok.CustomTokenizer"]}, tokenizer_class="CustomTokenizer")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (tmp_path / "custom_tok.py").write_text(
+        "from transformers import PreTrainedTokenizerFast\n\n\nclass CustomTokenizer(PreTrainedTokenizerFast):\n    pass\n"
+    )
+    tok = build_tokenizer(TokenizerConfig(), str(tmp_path), trust_remote_code=True)
+    assert type(tok).__name__ == "CustomTokenizer"
+    with pytest.raises(DataError, match=r"model\.name_or_path: .* set model\.trust_remote_code=true"):
+        build_tokenizer(TokenizerConfig(), str(tmp_path))
+
+
+def test_submit_check_warns_when_nothing_here_can_answer(tmp_path, monkeypatch):
+    from launcher.pretrained import check_for_submit
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    note = check_for_submit(_recipe("nobody/no-such-model"))
+    assert note and "nobody/no-such-model was not checked: HF_HUB_OFFLINE is set" in note
+    note = check_for_submit(_recipe("/cluster/models/mine"))
+    assert note and note.startswith("model.name_or_path: /cluster/models/mine is not a directory here")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RecipeError, match=r"model\.name_or_path: cannot load the model in .*empty"):
+        check_for_submit(_recipe(str(tmp_path / "empty")))  # here, and definitely not a model

@@ -107,10 +107,7 @@ def build_tokenizer(
             local_files_only=local_only,
         )
     except (OSError, ValueError) as e:
-        raise DataError(
-            f"{key}: {explain(name, e, local_only=local_only, what='tokenizer')}; or set "
-            "tokenizer.builtin=bytes"
-        ) from None
+        raise DataError(f"{key}: {explain(name, e, local_only=local_only, what='tokenizer')}") from None
     if tokenizer.pad_token is None:
         # Padding is always masked (labels -100, attention mask 0), so reusing eos is harmless.
         tokenizer.pad_token = tokenizer.eos_token
