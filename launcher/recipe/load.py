@@ -56,14 +56,14 @@ def _display(path: Path) -> str:
 
 Origins = dict[str, str]
 """Dotted leaf key (`data.hub`, `train.lr`) -> where its value was set: a recipe file's path or
-COMMAND_LINE. A list is one leaf; a mapping set empty or to null is a leaf too."""
+COMMAND_LINE. A list is one leaf; a mapping set to null is a leaf too."""
 
 DATA_SOURCES = ("path", "hub", "synthetic")
 """The keys of `data` that name where the data comes from; exactly one may be set."""
 
 
 def _leaves(node: Any, prefix: str = "") -> list[str]:
-    if isinstance(node, dict) and node:
+    if isinstance(node, dict):  # an empty mapping merges into nothing: no leaf
         return [leaf for k, v in node.items() for leaf in _leaves(v, f"{prefix}{k}.")]
     return [prefix[:-1]] if prefix else []
 
