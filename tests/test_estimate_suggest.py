@@ -78,6 +78,15 @@ def test_node_memory_option_and_bad_value():
     assert bad.returncode == 2 and "--node-memory" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_instance_memory_for_a_skypilot_profile():
+    from launcher.estimate.prices import instance_memory_gib
+
+    # 8x A100-80GB: p4de.24xlarge 1,152 GiB, a2-ultragpu-8g 1,360, Azure 1,900, Lambda 1,800
+    assert instance_memory_gib("A100-80GB", 8) == 1152
+    assert instance_memory_gib("A100-80GB", 8, ["gcp"]) == 1360
+    assert instance_memory_gib("H100-80GB", 3) is None
+
+
 # --- speed of suggestions ----------------------------------------------------------------------
 
 def test_full_offload_on_one_l4_shows_its_58_days():

@@ -66,6 +66,14 @@ def load_prices(path: Path = PRICES_CSV) -> PriceTable:
     return PriceTable(offers, as_of, f"price table shipped with launcher ({path.name})")
 
 
+def instance_memory_gib(gpu: str, gpus: int, clouds: list[str] | None = None) -> float | None:
+    """Host RAM of the shipped table's instances with `gpus` x `gpu` (on `clouds`, lower case;
+    empty: any): the smallest, since the cloud may pick any of them. None when none is known."""
+    known = [o.memory_gib for o in load_prices().offers
+             if o.gpu == gpu and o.gpus == gpus and o.memory_gib and (not clouds or o.cloud.lower() in clouds)]
+    return min(known) if known else None
+
+
 def live_prices(timeout_s: float | None = None) -> tuple[PriceTable | None, str | None]:
     """Prices from SkyPilot's catalog, read in a child process that gets `timeout_s` seconds
     (default LIVE_PRICES_TIMEOUT_S). Returns (table, None), or (None, why not) when SkyPilot is
