@@ -224,7 +224,8 @@ def test_costs_sorted_cheapest_fitting_marked_and_onprem_row():
     fit_flags = [r["fits"] is not False for r in rows]
     assert fit_flags == sorted(fit_flags, reverse=True) and fit_flags[0] and not fit_flags[-1]
     for group in (True, False):
-        totals = [r["total_usd"] for r in rows if (r["fits"] is not False) == group and r["total_usd"] is not None]
+        totals = [r["total_usd"] for r in rows
+                  if (r["fits"] is not False) == group and r["total_usd"] is not None]
         assert totals == sorted(totals)
     marked = [r for r in rows if r["cheapest_that_fits"]]
     assert len(marked) == 1 and marked[0] is rows[0] and marked[0]["fits"] is True

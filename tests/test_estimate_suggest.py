@@ -40,7 +40,8 @@ def test_offload_suggestion_does_not_fit_when_host_ram_cannot_hold_it():
     assert est.host_memory_bytes == 1024 * GiB and "default for 8x A100-80GB" in est.host_memory_source
     text = format_estimate(est)
     assert "[RAM short]" in text and "[fits     ]    28" not in text
-    assert "1,024.00 GiB host RAM (default for 8x A100-80GB; set node_memory_gb in the cluster profile" in text
+    assert "1,024.00 GiB host RAM (default for 8x A100-80GB; set node_memory_gb in the cluster profile" \
+        in text
     # what fits is more GPUs, listed first
     assert est.suggestions[0].fits and "resources.nodes=" in est.suggestions[0].change
 
@@ -68,8 +69,8 @@ def test_the_recipes_own_offload_is_checked_against_host_ram():
 def test_node_memory_option_and_bad_value():
     from test_cli import run_cli
 
-    res = run_cli("estimate", "--model", "meta-llama/Llama-3.1-70B", "--gpu", "A100-80GB", "--node-memory", "2048",
-                  "--json")
+    res = run_cli("estimate", "--model", "meta-llama/Llama-3.1-70B", "--gpu", "A100-80GB",
+                  "--node-memory", "2048", "--json")
     assert res.returncode == 0, res.stderr
     j = json.loads(res.stdout)
     assert next(s for s in j["suggestions"] if s["change"] == OFFLOAD_OPT)["fits"] is True
@@ -97,7 +98,8 @@ def test_full_offload_on_one_l4_shows_its_58_days():
     assert 55 < full.total_hours / 24 < 62
     assert full.slowdown == pytest.approx(est.time.tokens_per_s * full.step_time_s / est.time.tokens_per_step)
     text = format_estimate(est)
-    line = next(x for x in text.splitlines() if "[fits     ]" in x and f"{full.cpu_bytes_per_node / GiB:,.2f}" in x)
+    host = f"{full.cpu_bytes_per_node / GiB:,.2f}"
+    line = next(x for x in text.splitlines() if "[fits     ]" in x and host in x)
     assert f"step {full.step_time_s:,.2f} s, {full.total_hours / 24:.1f} days" in line
 
 
@@ -108,14 +110,16 @@ def test_much_slower_suggestions_are_marked_and_listed_after_the_others():
             "data.max_seq_len=2048"]
     est = _est("Qwen/Qwen2.5-1.5B", over, gpu="L4", gpus_per_node=1, node_memory_gb=512)
     full = next(s for s in est.suggestions if "offload_param=cpu" in s.change)
-    assert full.fits and full.slow and full.slowdown == pytest.approx(0.40 / (0.35 * 0.7 * 0.5) * 4 / 3, rel=0.05)
+    assert full.fits and full.slow
+    assert full.slowdown == pytest.approx(0.40 / (0.35 * 0.7 * 0.5) * 4 / 3, rel=0.05)
     assert "(4x slower)" in format_estimate(est)
     fitting = [s for s in est.suggestions if s.fits]
     assert [s.slow for s in fitting] == sorted(s.slow for s in fitting)  # not much slower first
     assert all(not s.slow for s in fitting[:1])
     # a given efficiency is the recipe layout's: the offload still costs its share in a suggestion
     given = _est("Qwen/Qwen2.5-1.5B", over, gpu="L4", gpus_per_node=1, node_memory_gb=512, mfu=0.4)
-    assert next(s for s in given.suggestions if s.change == full.change).slowdown == pytest.approx(full.slowdown)
+    same = next(s for s in given.suggestions if s.change == full.change)
+    assert same.slowdown == pytest.approx(full.slowdown)
 
 
 # --- cost table --------------------------------------------------------------------------------
@@ -223,5 +227,5 @@ def test_live_prices_give_up_after_the_timeout(fake_sky, monkeypatch):
     est = estimate_recipe(load_recipe(RECIPES / "sft" / "llama-3.1-8b-full-sft.yaml"), live_prices=True)
     assert fake_sky.exists()
     assert est.prices_source.startswith("price table shipped") and est.costs
-    assert "live prices unavailable: SkyPilot's catalog did not answer within 2 s; using the shipped price table" \
-        in est.notes
+    assert ("live prices unavailable: SkyPilot's catalog did not answer within 2 s; "
+            "using the shipped price table") in est.notes

@@ -33,7 +33,8 @@ def _sky_installed() -> bool:
 
 
 def offline_env(state_dir: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("LAUNCHER_OFFLINE_PRICES", "NO_PROXY", "no_proxy")}
+    dropped = ("LAUNCHER_OFFLINE_PRICES", "NO_PROXY", "no_proxy")
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                HTTP_PROXY=CLOSED, HTTPS_PROXY=CLOSED, http_proxy=CLOSED, https_proxy=CLOSED,
                LAUNCHER_STATE_DIR=str(state_dir), LAUNCHER_LIVE_PRICES_TIMEOUT_S="10",
@@ -48,7 +49,8 @@ def cli(args: list[str], env: dict[str, str], timeout: float = 300) -> subproces
 
 def json_alone(res: subprocess.CompletedProcess, codes: tuple[int, ...] = (0,)):
     """stdout parses as one JSON document with nothing around it (json.loads refuses extra text)."""
-    assert res.returncode in codes, f"exit {res.returncode}\nstdout: {res.stdout[-2000:]}\nstderr: {res.stderr[-2000:]}"
+    assert res.returncode in codes, (
+        f"exit {res.returncode}\nstdout: {res.stdout[-2000:]}\nstderr: {res.stderr[-2000:]}")
     try:
         return json.loads(res.stdout)
     except ValueError as e:
@@ -95,10 +97,10 @@ FAST = {
     ("recipes", "validate"): [(lambda t: ["recipes", "validate", str(TINY), _bad_recipe(t), "--json"], (2,))],
     ("recipes", "show"): [(lambda t: ["recipes", "show", str(TINY), "train.lr=0.01", "--json"], (0,))],
     ("submit",): [
-        (lambda t: ["submit", str(BIG), "--cluster", str(ROOT / "cluster" / "example-skypilot.yaml"), "--dry-run",
-                    "--json"], (0,)),
-        (lambda t: ["submit", str(BIG), "--cluster", str(ROOT / "cluster" / "example-slurm.yaml"), "--dry-run",
-                    "--run-dir", str(t / "slurm-run"), "--json"], (0,)),
+        (lambda t: ["submit", str(BIG), "--cluster", str(ROOT / "cluster" / "example-skypilot.yaml"),
+                    "--dry-run", "--json"], (0,)),
+        (lambda t: ["submit", str(BIG), "--cluster", str(ROOT / "cluster" / "example-slurm.yaml"),
+                    "--dry-run", "--run-dir", str(t / "slurm-run"), "--json"], (0,)),
     ],
     ("status",): [(lambda t: ["status", "--json"], (0,))],
 }
@@ -107,7 +109,7 @@ AFTER_A_RUN = [("run",), ("resume",), ("ckpt", "list"), ("ckpt", "verify"), ("ck
 
 
 def test_every_json_verb_is_checked():
-    assert json_verbs() == set(FAST) | set(AFTER_A_RUN), "add the new --json verb's case to tests/test_json_output.py"
+    assert json_verbs() == set(FAST) | set(AFTER_A_RUN), "add the new --json verb's case to this file"
 
 
 @pytest.mark.parametrize("verb", sorted(FAST), ids=" ".join)
@@ -157,7 +159,7 @@ def test_json_alone_after_a_run(verb, trained):
         ("resume",): ["resume", str(run_dir), "--json"],  # finished: says so, as JSON
         ("ckpt", "list"): ["ckpt", "list", str(run_dir), "--json"],
         ("ckpt", "verify"): ["ckpt", "verify", str(run_dir), "--json"],
-        ("ckpt", "export"): ["ckpt", "export", str(run_dir), "--out", str(tmp / f"hf-{os.getpid()}"), "--json"],
+        ("ckpt", "export"): ["ckpt", "export", str(run_dir), "--out", str(tmp / "hf"), "--json"],
     }[verb]
     data = json_alone(cli(args, env))
     assert data

@@ -51,15 +51,17 @@ def estimate(
         Optional[int], typer.Option("--calibrate-workers", help="Workers (GPUs) for calibration; default: the recipe's.")
     ] = None,
     node_memory: Annotated[
-        Optional[float], typer.Option("--node-memory", help="Host RAM per node, GiB (default: the GPU type's usual "
-                                      "machines, e.g. 2048 for 8x H100), for offloaded states.")
+        Optional[float],
+        typer.Option("--node-memory", help="Host RAM per node, GiB (default: the GPU type's usual machines, "
+                     "e.g. 2048 for 8x H100), for offloaded states."),
     ] = None,
     live_prices: Annotated[
         bool, typer.Option("--live-prices", help="Read SkyPilot's live catalog (needs SkyPilot and network; "
                            "waits at most 20 s) instead of the shipped price table.")
     ] = False,
     offline_prices: Annotated[
-        bool, typer.Option("--offline-prices", help="Use the shipped price table (the default; overrides --live-prices).")
+        bool,
+        typer.Option("--offline-prices", help="Use the shipped price table (the default; overrides --live-prices)."),
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the estimate as JSON (keys: docs/estimate.md).")] = False,
 ) -> None:

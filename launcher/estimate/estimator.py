@@ -122,13 +122,15 @@ def host_memory(gpu: Gpu, gpus_per_node: int, node_memory_gb: float | None) -> t
             raise UserError("--node-memory: host RAM per node in GiB, more than 0, e.g. 1024")
         return int(node_memory_gb * GiB), "given (--node-memory or the cluster profile's node_memory_gb)"
     return (gpu.default_node_memory_bytes(gpus_per_node),
-            f"default for {gpus_per_node}x {gpu.name}; set node_memory_gb in the cluster profile or --node-memory")
+            f"default for {gpus_per_node}x {gpu.name}; "
+            "set node_memory_gb in the cluster profile or --node-memory")
 
 
 def _layout(recipe: Recipe, nodes: int, gpus_per_node: int) -> Layout:
     par, t, m = recipe.parallelism, recipe.train, recipe.model
     return Layout(
-        nodes=nodes, gpus_per_node=gpus_per_node, pipeline_stages=par.pipeline_stages, zero_stage=par.zero_stage,
+        nodes=nodes, gpus_per_node=gpus_per_node, pipeline_stages=par.pipeline_stages,
+        zero_stage=par.zero_stage,
         offload_optimizer=par.offload_optimizer, offload_param=par.offload_param,
         dtype=m.dtype,
         micro_batch=t.micro_batch_size, grad_accum=t.grad_accum, seq_len=recipe.data.max_seq_len,
@@ -235,7 +237,6 @@ def estimate_recipe(
                                      network_gbps=network_gbps)
 
     mem = mem_for(lay)
-    total = mem.per_gpu["total"]
     est = Estimate(
         recipe_name=recipe.name, model=model_name, shape=shape, layout=lay, gpu=gpu_spec, memory=mem,
         fits=None, suggestions=[], time=None, costs=[], prices_as_of=None, prices_source=None,
@@ -267,7 +268,8 @@ def estimate_recipe(
                          "packing): pass --avg-seq-len for the data's mean length")
         if steps is not None:
             _add_costs(est, recipe, time_for, live_prices=live_prices, preemption_rate=preemption_rate,
-                       restart_minutes=restart_minutes, usd_per_gpu_hour=usd_per_gpu_hour, onprem_name=onprem_name)
+                       restart_minutes=restart_minutes, usd_per_gpu_hour=usd_per_gpu_hour,
+                       onprem_name=onprem_name)
     if lay.offload_optimizer != "none" or lay.offload_param != "none":
         notes.append("with offload, DeepSpeed's estimate covers model states only; real use adds the rows "
                      "below it (activations, buffers), which its users report as the 10-40x surprise")

@@ -70,7 +70,8 @@ def instance_memory_gib(gpu: str, gpus: int, clouds: list[str] | None = None) ->
     """Host RAM of the shipped table's instances with `gpus` x `gpu` (on `clouds`, lower case;
     empty: any): the smallest, since the cloud may pick any of them. None when none is known."""
     known = [o.memory_gib for o in load_prices().offers
-             if o.gpu == gpu and o.gpus == gpus and o.memory_gib and (not clouds or o.cloud.lower() in clouds)]
+             if o.gpu == gpu and o.gpus == gpus and o.memory_gib
+             and (not clouds or o.cloud.lower() in clouds)]
     return min(known) if known else None
 
 
@@ -83,8 +84,8 @@ def live_prices(timeout_s: float | None = None) -> tuple[PriceTable | None, str 
     if timeout_s is None:
         timeout_s = float(os.environ.get("LAUNCHER_LIVE_PRICES_TIMEOUT_S") or LIVE_PRICES_TIMEOUT_S)
     try:
-        res = subprocess.run([sys.executable, "-m", "launcher.estimate.live_catalog"], capture_output=True, text=True,
-                             timeout=timeout_s, stdin=subprocess.DEVNULL)
+        res = subprocess.run([sys.executable, "-m", "launcher.estimate.live_catalog"], capture_output=True,
+                             text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
         return None, f"SkyPilot's catalog did not answer within {timeout_s:g} s"
     try:

@@ -47,8 +47,8 @@ def _suggestion_lines(est) -> list[str]:  # noqa: ANN001
             speed += f", {_hours(x.total_hours)}"
         if x.slow:
             speed += f" ({x.slowdown:,.0f}x slower)"
-        out.append(f"  [{mark}] {gib(x.per_gpu_total_bytes):>8} GiB/GPU {gib(x.cpu_bytes_per_node):>9} GiB host  "
-                   f"{speed}")
+        out.append(f"  [{mark}] {gib(x.per_gpu_total_bytes):>8} GiB/GPU "
+                   f"{gib(x.cpu_bytes_per_node):>9} GiB host  {speed}")
         out.append(f"              {x.description}")
         out.append(f"              {x.change}")
     return out
