@@ -101,6 +101,7 @@ def test_ctrl_c_in_a_terminal_commits_exits_75_and_resumes_identically(recipe, b
     term.press_ctrl_c()
     rc = term.wait(300)
     out = term.text
+    print(out[:2000])  # what the terminal showed, for -s
     assert rc == EXIT_PREEMPTED, out[-3000:]
     assert "SIGINT: checkpointing and stopping after this step" in out, out[-3000:]
     assert "Traceback" not in out, out[-3000:]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -57,10 +58,13 @@ class _Tail:
 
 class Display:
     """What the driver shows while a job runs: phases, then steps. On a terminal a live progress
-    bar whose description is the phase; elsewhere one plain line per phase and every tenth step."""
+    bar whose description is the phase; elsewhere one plain line per phase and every tenth step.
+    Records older than `since` (those of the run being resumed) only set the bar's position."""
 
-    def __init__(self, console: Console) -> None:
+    def __init__(self, console: Console, since: float | None = None) -> None:
         self.console = console
+        self.since = time.time() if since is None else since
+        self.history = False
         self.live = console.is_terminal
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
@@ -98,6 +102,15 @@ class Display:
                 self.progress.update(self.task, description="train")
 
     def record(self, rec: dict) -> None:
+        if "time" in rec:  # eval lines have none: they go with the step before them
+            self.history = rec["time"] < self.since
+        if self.history:  # the run being resumed, from before this display started
+            if rec.get("event") == "start":
+                self.total = rec["total_steps"]
+                self.progress.update(self.task, total=rec["total_steps"])
+            elif "loss" in rec and not rec.get("eval"):
+                self.progress.update(self.task, completed=rec["step"])
+            return
         if rec.get("event") == "start":
             self.total = rec["total_steps"]
             self.progress.update(self.task, total=rec["total_steps"])

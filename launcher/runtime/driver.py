@@ -155,52 +155,61 @@ def run_on_ray(
     RUN_DIR/preempted.json saying so. `phase(text)` hears what the job is doing before its
     first step."""
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     say = phase or (lambda text: None)
     plan = ray_plan(recipe)
-    say(f"joining Ray at {ray_address or os.environ.get('RAY_ADDRESS')}"
-        if ray_address or os.environ.get("RAY_ADDRESS") else "starting Ray")
-    started = _init_ray(ray_address, plan)
+    address = ray_address or os.environ.get("RAY_ADDRESS")
+    started = False
     try:
-        config = {
-            "recipe": to_dict(recipe),
-            "run_dir": str(run_dir.resolve()),
-            "data_ref": ray.put(data),
-            "tokenizer_ref": ray.put(tokenizer),
-            "resume": resume,
-        }
-        trainer = TorchTrainer(
-            _worker_entry,
-            train_loop_config=config,
-            scaling_config=ScalingConfig(
-                num_workers=plan.num_workers,
-                use_gpu=plan.use_gpu,
-                resources_per_worker=plan.resources_per_worker,
-                placement_strategy=plan.placement_strategy,
-            ),
-            run_config=RunConfig(
-                name=recipe.name,
-                storage_path=str((run_dir / "ray").resolve()),
-                # a restarted worker group resumes from the latest committed checkpoint
-                failure_config=FailureConfig(max_failures=recipe.checkpoint.max_worker_restarts),
-            ),
-        )
-        say(f"starting {plan.num_workers} worker{'s' if plan.num_workers != 1 else ''}")
-        try:
-            with forward_stop_signals(run_dir, recipe):
+        # from the start of Ray on: a Ctrl-C while it starts gets the same two-step treatment
+        with forward_stop_signals(run_dir, recipe):
+            say(f"joining Ray at {address}" if address else "starting Ray")
+            started = _init_ray(ray_address, plan)
+            # Ray Train would send the workers' print() to its logger (on stderr) as well as to
+            # stdout: every line twice in the rank logs. Ray Train passes this on to the workers.
+            os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+            trainer = _trainer(recipe, run_dir, plan, {
+                "recipe": to_dict(recipe),
+                "run_dir": str(run_dir.resolve()),
+                "data_ref": ray.put(data),
+                "tokenizer_ref": ray.put(tokenizer),
+                "resume": resume,
+            })
+            say(f"starting {plan.num_workers} worker{'s' if plan.num_workers != 1 else ''}")
+            try:
                 _fit_off_the_main_thread(trainer)
-        except StopNow:
-            return  # the finally below shuts Ray down, which ends the workers mid-step
-        except Exception as e:  # Ray wraps worker exceptions; surface the user's own mistakes
-            user = _unwrap_user_error(e)
-            if user is not None:
-                raise user from None
-            raise WorkerFailed(run_dir, e) from e
+            except Exception as e:  # Ray wraps worker exceptions; surface the user's own mistakes
+                user = _unwrap_user_error(e)
+                if user is not None:
+                    raise user from None
+                raise WorkerFailed(run_dir, e) from e
+    except StopNow:
+        return  # the finally below shuts Ray down, which ends the workers mid-step
     finally:
-        if started:
+        if started or (not address and ray.is_initialized()):  # also a start cut short by StopNow
             ray.shutdown()
+
+
+def _trainer(recipe: Recipe, run_dir: Path, plan: RayPlan, config: dict[str, Any]) -> Any:
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    return TorchTrainer(
+        _worker_entry,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(
+            num_workers=plan.num_workers,
+            use_gpu=plan.use_gpu,
+            resources_per_worker=plan.resources_per_worker,
+            placement_strategy=plan.placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=recipe.name,
+            storage_path=str((run_dir / "ray").resolve()),
+            # a restarted worker group resumes from the latest committed checkpoint
+            failure_config=FailureConfig(max_failures=recipe.checkpoint.max_worker_restarts),
+        ),
+    )
 
 
 def _fit_off_the_main_thread(trainer: Any) -> None:
