@@ -144,6 +144,7 @@ def run_job(
                 say(f"{run_dir} has no committed checkpoint: training starts from step 0")
             else:
                 say(f"resuming from {resume_from.path}")
+    say("checking the model, tokenizer and data")  # before Ray: a hub model can take a while
     tokenizer, data = preflight(recipe)
     prepare_run_dir(run_dir, recipe)
     preempt.clear(run_dir)
