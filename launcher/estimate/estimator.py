@@ -156,6 +156,30 @@ def _offers_for(table: prices.PriceTable, dtype: str, notes: list[str]) -> list[
     return [o for o in table.offers if o.gpu not in unable]
 
 
+def _resources(recipe: Recipe, gpu: str | None, nodes: int | None, gpus_per_node: int | None,
+               notes: list[str]) -> tuple[int, int, Gpu | None]:
+    """Nodes, GPUs (or CPU workers) per node and the GPU type estimated for (None: CPU workers)."""
+    res = recipe.resources
+    if nodes is not None and nodes < 1:
+        raise UserError("--nodes: must be at least 1")
+    if gpus_per_node is not None and gpus_per_node < 1:
+        raise UserError("--gpus-per-node: must be at least 1")
+    gpu_name = gpu or res.gpu
+    n_nodes = nodes or res.nodes
+    gpn = gpus_per_node or res.gpus_per_node
+    if gpn == 0 and gpu_name is None:
+        notes.append("the recipe trains on CPU workers and names no GPU: memory per worker only "
+                     "(pass --gpu to check a GPU)")
+        return n_nodes, max(1, res.cpu_workers // n_nodes), None
+    if gpn == 0:
+        gpn = max(1, res.cpu_workers // n_nodes)
+        notes.append(f"the recipe has no GPUs: assuming {gpn} {gpu_name} per node (--gpus-per-node)")
+    if gpu_name is None:
+        gpu_name = DEFAULT_GPU
+        notes.append(f"resources.gpu is not set: assuming {DEFAULT_GPU} (--gpu)")
+    return n_nodes, gpn, find_gpu(gpu_name, "--gpu" if gpu else "resources.gpu")
+
+
 def estimate_recipe(
     recipe: Recipe,
     *,
@@ -184,27 +208,7 @@ def estimate_recipe(
     from launcher.runtime.ds_config import build_ds_config
 
     notes: list[str] = []
-    res = recipe.resources
-    if nodes is not None and nodes < 1:
-        raise UserError("--nodes: must be at least 1")
-    if gpus_per_node is not None and gpus_per_node < 1:
-        raise UserError("--gpus-per-node: must be at least 1")
-    gpu_name = gpu or res.gpu
-    n_nodes = nodes or res.nodes
-    gpn = gpus_per_node or res.gpus_per_node
-    gpu_spec: Gpu | None = None
-    if gpn == 0 and gpu_name is None:
-        gpn = max(1, res.cpu_workers // n_nodes)  # CPU workers: memory per worker only
-        notes.append("the recipe trains on CPU workers and names no GPU: memory per worker only "
-                     "(pass --gpu to check a GPU)")
-    else:
-        if gpn == 0:
-            gpn = max(1, res.cpu_workers // n_nodes)
-            notes.append(f"the recipe has no GPUs: assuming {gpn} {gpu_name} per node (--gpus-per-node)")
-        if gpu_name is None:
-            gpu_name = DEFAULT_GPU
-            notes.append(f"resources.gpu is not set: assuming {DEFAULT_GPU} (--gpu)")
-        gpu_spec = find_gpu(gpu_name, "--gpu" if gpu else "resources.gpu")
+    n_nodes, gpn, gpu_spec = _resources(recipe, gpu, nodes, gpus_per_node, notes)
     t = recipe.train
     lay = _layout(recipe, n_nodes, gpn)
     model_name, shape = _shape_for(recipe)
