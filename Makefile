@@ -34,6 +34,8 @@ test: setup-test
 	LAUNCHER_REQUIRE_SLURM=1 $(PY) -m pytest -q; rc=$$?; \
 	echo "SkyPilot's task parser on the rendered tasks ($(SKY_PY)):"; \
 	LAUNCHER_REQUIRE_SKYPILOT=1 $(SKY_PY) -m pytest -q -p no:cacheprovider tests/test_skypilot_render.py -k own_parser || rc=1; \
+	echo "--json prints JSON alone with SkyPilot installed ($(SKY_PY)):"; \
+	LAUNCHER_REQUIRE_SKYPILOT=1 $(SKY_PY) -m pytest -q -p no:cacheprovider tests/test_json_output.py tests/test_estimate_suggest.py || rc=1; \
 	[ $$was_up = 1 ] || bash cluster/dev/slurm-down.sh; \
 	if [ $$up -ne 0 ]; then echo "make test: the local Slurm did not come up (see above)"; exit 1; fi; \
 	exit $$rc

@@ -93,7 +93,7 @@ def test_dry_run_prints_task_and_estimate_and_launches_nothing(sky, recipe_file,
     assert "secrets from your environment: HF_TOKEN, LAUNCHER_RAY_AUTH_TOKEN" in res.output
     assert "estimate" in res.output.lower() and SECRET not in res.output
     assert sky.calls == [] and not (tmp_path / "run").exists()
-    data = json.loads(submit(recipe_file, SPOT, tmp_path / "run", "--dry-run", "--json").output)
+    data = json.loads(submit(recipe_file, SPOT, tmp_path / "run", "--dry-run", "--json").stdout)
     assert data["task"]["num_nodes"] == 2 and data["task"]["resources"]["use_spot"] is True
     # cost rows only for the profile's clouds (aws), from the shipped table
     clouds = {c["cloud"] for c in data["estimate"]["costs"]}
@@ -104,7 +104,7 @@ def test_dry_run_prints_task_and_estimate_and_launches_nothing(sky, recipe_file,
 def test_spot_submits_a_managed_job_with_the_rendered_task(sky, recipe_file, tmp_path):
     res = submit(recipe_file, SPOT, tmp_path / "run", "--json", "train.max_steps=7")
     assert res.exit_code == 0, res.output
-    out = json.loads(res.output.strip().splitlines()[-1])
+    out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["job_id"] == "7" and out["managed"] is True
     (call,) = [c for c in sky.calls if c[0] == "jobs_launch"]
     assert sky.names() == ["jobs_launch"] and call[1]["name"] == out["run_id"]
@@ -122,7 +122,7 @@ def test_spot_submits_a_managed_job_with_the_rendered_task(sky, recipe_file, tmp
             text = f.read_text()
             assert SECRET not in text and secrets[RAY_TOKEN_SECRET] not in text
     # the registry
-    run = json.loads(runner.invoke(app, ["status", out["run_id"], "--json"]).output)
+    run = json.loads(runner.invoke(app, ["status", out["run_id"], "--json"]).stdout)
     assert run["backend"] == "skypilot" and run["job_ids"] == ["managed:7"] and run["status"] == "pending"
     # price: AWS p5.48xlarge spot 30.326 $/h for 8 H100 in data/prices.csv -> 3.79075 $/GPU-h
     assert run["usd_per_gpu_hour"] == pytest.approx(30.326 / 8)
@@ -132,16 +132,16 @@ def test_spot_submits_a_managed_job_with_the_rendered_task(sky, recipe_file, tmp
 
 
 def test_status_records_recoveries_and_spend(sky, recipe_file, tmp_path):
-    out = json.loads(submit(recipe_file, SPOT, tmp_path / "run", "--json").output.strip().splitlines()[-1])
+    out = json.loads(submit(recipe_file, SPOT, tmp_path / "run", "--json").stdout.strip().splitlines()[-1])
     sky.managed = {"status": "RUNNING", "recovery_count": 0, "started_at": 1000.0, "ended_at": None, "duration_s": 600.0}
-    (run,) = json.loads(runner.invoke(app, ["status", "--json"]).output)
+    (run,) = json.loads(runner.invoke(app, ["status", "--json"]).stdout)
     assert run["status"] == "running" and run["restarts"] == 0 and run["started_at"] == 1000.0
     # preempted: SkyPilot is finding new instances
     sky.managed = {"status": "RECOVERING", "recovery_count": 1, "started_at": 1000.0, "ended_at": None, "duration_s": 1800.0}
-    (run,) = json.loads(runner.invoke(app, ["status", "--json"]).output)
+    (run,) = json.loads(runner.invoke(app, ["status", "--json"]).stdout)
     assert run["status"] == "preempted" and run["restarts"] == 1 and "RECOVERING" in run["detail"]
     sky.managed = {"status": "SUCCEEDED", "recovery_count": 1, "started_at": 1000.0, "ended_at": 9000.0, "duration_s": 7200.0}
-    run = json.loads(runner.invoke(app, ["status", out["run_id"], "--json"]).output)
+    run = json.loads(runner.invoke(app, ["status", out["run_id"], "--json"]).stdout)
     assert run["status"] == "completed" and run["restarts"] == 1 and run["ended_at"] == 9000.0
     # 2 h of running (SkyPilot's job_duration) x 2 nodes x 8 GPUs = 32 GPU-hours, at 30.326/8 $/GPU-h
     assert run["gpu_hours"] == pytest.approx(32.0) and run["usd"] == pytest.approx(32.0 * 30.326 / 8)
@@ -154,21 +154,21 @@ def test_status_records_recoveries_and_spend(sky, recipe_file, tmp_path):
 
 
 def test_on_demand_uses_sky_launch_and_the_profiles_price(sky, recipe_file, tmp_path):
-    out = json.loads(submit(recipe_file, ONDEMAND, tmp_path / "run", "--json").output.strip().splitlines()[-1])
+    out = json.loads(submit(recipe_file, ONDEMAND, tmp_path / "run", "--json").stdout.strip().splitlines()[-1])
     (call,) = sky.calls
     assert call[0] == "launch" and call[1]["cluster_name"] == out["cluster"] and out["cluster"].startswith("l-tiny-")
     assert call[1]["config"]["resources"]["use_spot"] is False and "job_recovery" not in call[1]["config"]["resources"]
     sky.cluster_job = {"status": "RUNNING", "started_at": 100.0, "ended_at": None}
     sky.cluster_job = {"status": "FAILED", "started_at": 100.0, "ended_at": 100.0 + 1800}
-    run = json.loads(runner.invoke(app, ["status", out["run_id"], "--json"]).output)
+    run = json.loads(runner.invoke(app, ["status", out["run_id"], "--json"]).stdout)
     assert run["job_ids"] == [f"{out['cluster']}:1"] and run["status"] == "failed"
     assert run["gpu_hours"] == pytest.approx(0.5 * 16) and run["usd"] == pytest.approx(0.5 * 16 * 3.67)
     assert ("job_status", {"cluster_name": out["cluster"], "job_id": "1"}) in sky.calls
 
 
 def test_cancel_and_logs_go_to_the_right_calls(sky, recipe_file, tmp_path):
-    spot = json.loads(submit(recipe_file, SPOT, tmp_path / "a", "--json").output.strip().splitlines()[-1])
-    ond = json.loads(submit(recipe_file, ONDEMAND, tmp_path / "b", "--json").output.strip().splitlines()[-1])
+    spot = json.loads(submit(recipe_file, SPOT, tmp_path / "a", "--json").stdout.strip().splitlines()[-1])
+    ond = json.loads(submit(recipe_file, ONDEMAND, tmp_path / "b", "--json").stdout.strip().splitlines()[-1])
     assert runner.invoke(app, ["logs", spot["run_id"]]).exit_code == 0
     assert ("tail_logs", {"cluster_name": None, "job_id": "7", "follow": False}) in sky.calls
     assert runner.invoke(app, ["logs", ond["run_id"], "-f"]).exit_code == 0
@@ -178,7 +178,7 @@ def test_cancel_and_logs_go_to_the_right_calls(sky, recipe_file, tmp_path):
     assert ("jobs_cancel", {"job_id": "7"}) in sky.calls
     assert runner.invoke(app, ["cancel", ond["run_id"]]).exit_code == 0
     assert ("cancel", {"cluster_name": ond["cluster"], "job_id": "1"}) in sky.calls
-    run = json.loads(runner.invoke(app, ["status", spot["run_id"], "--json"]).output)
+    run = json.loads(runner.invoke(app, ["status", spot["run_id"], "--json"]).stdout)
     assert run["status"] == "cancelled"
     assert runner.invoke(app, ["cancel", spot["run_id"]]).exit_code != 0   # already ended
 

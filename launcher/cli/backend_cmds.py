@@ -136,9 +136,12 @@ def _estimate_safe(recipe: Any, profile: Any, cluster: Path) -> tuple[Any, str]:
     r = recipe.resources
     if profile.backend == "skypilot":
         from launcher.backends.skypilot.launch import estimator_gpu
+        from launcher.estimate.prices import instance_memory_gib
 
-        est = estimate_recipe(recipe, gpu=r.gpu or estimator_gpu(profile), nodes=r.nodes,
-                              gpus_per_node=r.gpus_per_node or profile.gpus_per_node)
+        gpu = r.gpu or estimator_gpu(profile)
+        gpus = r.gpus_per_node or profile.gpus_per_node
+        ram = profile.node_memory_gb or instance_memory_gib(gpu, gpus, profile.clouds)
+        est = estimate_recipe(recipe, gpu=gpu, nodes=r.nodes, gpus_per_node=gpus, node_memory_gb=ram)
         if profile.clouds:  # the cost rows of the clouds the profile allows
             est.costs = [c for c in est.costs if c.cloud.lower() in profile.clouds]
         return est, format_estimate(est)
@@ -149,6 +152,7 @@ def _estimate_safe(recipe: Any, profile: Any, cluster: Path) -> tuple[Any, str]:
         gpus_per_node=r.gpus_per_node or None,
         usd_per_gpu_hour=profile.usd_per_gpu_hour,
         onprem_name=cluster.stem,
+        node_memory_gb=profile.host_memory_gib(),
     )
     return est, format_estimate(est)
 

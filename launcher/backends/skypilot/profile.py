@@ -132,6 +132,10 @@ class SkyPilotProfile:
     """Price of one GPU-hour for `launcher status`'s spend. Empty: the estimator's cheapest price
     for the accelerator on the profile's clouds (spot or on-demand as `use_spot` says)."""
 
+    node_memory_gb: float | None = None
+    """Host RAM per node in GiB, for the estimator's offload check. Empty: the RAM of the price
+    table's instances with these accelerators (the smallest, since the cloud may pick any)."""
+
     def __post_init__(self) -> None:
         _require(
             bool(_ACCEL.fullmatch(self.accelerators)),
@@ -190,6 +194,7 @@ class SkyPilotProfile:
 
         check_common(
             self.usd_per_gpu_hour, self.setup, self.env, reserved=("SKYPILOT_", "LAUNCHER_"),
+            node_memory_gb=self.node_memory_gb,
             reserved_by="SkyPilot and the launcher",
             secret_fix="list its name under `secrets` and export it where you run `launcher submit`; "
             "it is then passed as a SkyPilot secret and written nowhere",
