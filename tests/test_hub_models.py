@@ -126,7 +126,7 @@ def write_recipe(path: Path, model: str, *, task: str, data: Path) -> Path:
         "model": {"name_or_path": model, "dtype": "fp32"},
         "data": {"format": "chat" if task == "sft" else "text", "path": [str(data)], "max_seq_len": 64,
                  **({"packing": True} if task == "pretrain" else {})},
-        "train": {"task": task, "max_steps": 4, "micro_batch_size": 4, "lr": 1e-2, "warmup_steps": 0},
+        "train": {"task": task, "max_steps": 4, "micro_batch_size": 4, "lr": 1e-3, "warmup_steps": 0},
         "parallelism": {"zero_stage": 3},
         "resources": {"cpu_workers": 2},
         "checkpoint": {"at_end": True},
@@ -175,7 +175,7 @@ def check_export(export: Path, start: Path) -> None:
     trained = dict(model.named_parameters())
     norm = trained["model.norm.weight"].detach()
     assert not torch.equal(norm, initial["model.norm.weight"])  # training happened
-    assert (norm - 0.5).abs().max() < 0.05  # ... starting from the snapshot (a fresh init is 1.0)
+    assert (norm - 0.5).abs().max() < 0.02  # ... starting from the snapshot (a fresh init is 1.0)
     w0, w1 = initial["model.layers.0.mlp.up_proj.weight"], trained["model.layers.0.mlp.up_proj.weight"].detach()
     assert 0 < (w1 - w0).norm() < 0.5 * w0.norm()
     with torch.no_grad():
@@ -267,6 +267,7 @@ def test_unreachable_hub_fails_fast_without_retries(monkeypatch, capfd):
 
 def test_relative_model_directory_resolves_against_the_working_directory(tmp_path, monkeypatch, pretrained):
     from launcher.pretrained import is_local, resolve_local_paths
+    from launcher.runtime.job import preflight
 
     monkeypatch.chdir(tmp_path)
     shutil.copytree(pretrained["dir"], tmp_path / "models" / "mine")
@@ -276,6 +277,9 @@ def test_relative_model_directory_resolves_against_the_working_directory(tmp_pat
     r = _recipe("models/mine", name_or_path="./models/mine/")
     resolve_local_paths(r)
     assert r.model.name_or_path == r.tokenizer.name_or_path == str(tmp_path / "models" / "mine")
+    r = _recipe("models/mine")
+    tokenizer, _ = preflight(r)  # what `launcher run` does before it records and ships the recipe
+    assert r.model.name_or_path == str(tmp_path / "models" / "mine") and len(tokenizer) == 324
     hub = _recipe("meta-llama/Llama-3.1-8B")
     resolve_local_paths(hub)
     assert hub.model.name_or_path == "meta-llama/Llama-3.1-8B"  # a hub id, left to transformers

@@ -26,3 +26,18 @@ def test_training_model_keeps_packed_documents_apart():
         together = model(input_ids=packed, position_ids=pos).logits[0, len(a):]
         alone = model(input_ids=b[None]).logits[0]
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_a_hub_id_is_not_taken_for_a_missing_local_directory(monkeypatch):
+    """`org/name` goes to transformers as a hub id; offline and not cached, the message says so."""
+    import pytest
+
+    from launcher.errors import RecipeError
+    from launcher.recipe import ModelConfig
+    from launcher.runtime.model import model_config
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tok = build_tokenizer(from_dict(tiny_recipe_dict()).tokenizer, None)
+    with pytest.raises(RecipeError, match=r"^model\.name_or_path: nobody/no-such-model not found locally or in the "
+                       r"Hugging Face cache .* run `hf download nobody/no-such-model`"):
+        model_config(ModelConfig(name_or_path="nobody/no-such-model", dtype="fp32"), tok)
