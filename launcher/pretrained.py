@@ -8,8 +8,8 @@ recipe is shipped to workers that may run elsewhere.
 
 The check reads config and tokenizer files only, never weights, so a missing, gated or mistyped
 model fails with exit code 2 before Ray starts, instead of on every worker after it. An
-unreachable hub is probed once with a short timeout: without the probe, every file transformers
-looks for costs five retries (about 50 s) before it falls back to the cache.
+unreachable hub is probed once with a short timeout: without the probe, transformers retries each
+request five times (56 s for one tokenizer) before it falls back to the cache.
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ def _hub_names(recipe: Any) -> list[str]:
 def go_offline_if_unreachable(recipe: Any) -> str | None:
     """When the recipe names hub ids but the hub cannot be reached, switch this process and the
     workers it starts (they inherit the environment) to the local cache: transformers would
-    otherwise retry every file for about 50 s. Returns a note for the user, or None."""
+    otherwise retry each request five times (56 s for one tokenizer). Returns a note for the user, or None."""
     global _unreachable
     if offline() or not _hub_names(recipe) or hub_reachable():
         return None
