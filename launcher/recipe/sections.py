@@ -82,10 +82,12 @@ class TokenizerConfig:
 
 @dataclass(kw_only=True, slots=True)
 class SyntheticDataConfig:
-    """Instruction data the project generates itself (offline demos and tests)."""
+    """Data the project generates itself (offline demos and tests)."""
 
-    task: Literal["reverse", "add", "sort"] = "reverse"
-    """`reverse`: reverse a short word; `add`: add two small numbers; `sort`: sort letters."""
+    task: Literal["reverse", "add", "sort", "stories"] = "reverse"
+    """`reverse`: reverse a short word; `add`: add two small numbers; `sort`: sort letters (alpaca
+    rows, `data.format=alpaca`). `stories`: short stories as text rows, for pretraining
+    (`data.format=text`)."""
 
     num_examples: int = 4000
     """How many rows to generate."""
@@ -157,11 +159,6 @@ class DataConfig:
             not (self.eval_fraction and self.eval_path),
             "data.eval_fraction",
             "set data.eval_fraction or data.eval_path, not both",
-        )
-        _require(
-            self.synthetic is None or self.format == "alpaca",
-            "data.format",
-            "synthetic data is generated as alpaca rows: set data.format=alpaca",
         )
 
 
