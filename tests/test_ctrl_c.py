@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from conftest import tiny_recipe_dict
@@ -70,13 +71,32 @@ class Terminal:
     def press_ctrl_c(self) -> None:
         os.write(self.master, b"\x03")  # the line discipline turns it into SIGINT to the foreground group
 
+    def session(self) -> list[psutil.Process]:
+        """Processes still in the command's session (Ray's own keep it: they only change group)."""
+        out = []
+        for q in psutil.process_iter():
+            try:
+                if os.getsid(q.pid) == self.proc.pid:
+                    out.append(q)
+            except (ProcessLookupError, PermissionError, psutil.Error):
+                pass
+        return out
+
     def wait(self, timeout: float) -> int:
         try:
             return self.proc.wait(timeout)
         finally:
             kill_tree(self.proc)
-            self._reader.join(10)
-            os.close(self.master)
+            self.close()
+
+    def close(self) -> None:
+        for q in self.session():
+            try:
+                q.kill()
+            except psutil.Error:
+                pass
+        self._reader.join(10)
+        os.close(self.master)
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +148,33 @@ def test_rank_logs_hold_the_training_lines_not_library_warnings(baseline):
     text = (baseline / "logs" / "rank-0.log").read_text()
     assert "launcher: rank 0 of 2" in text, text[:3000]
     assert text.count("launcher: done") == 1, text[-3000:]  # once: not also through Ray Train's logger
+
+
+@pytest.mark.slow
+def test_ctrl_c_twice_while_the_workers_start_stops_at_once_and_leaves_nothing(recipe, tmp_path):
+    # Pressed while the workers start, the first Ctrl-C cannot be acted on for a while (no step
+    # to finish yet), so the second one reliably lands before any checkpoint.
+    run_dir = tmp_path / "run"
+    term = Terminal(["run", str(recipe), "--run-dir", str(run_dir), *NO_PERIODIC])
+    try:
+        assert wait_for(lambda: "starting 2 workers" in term.text or term.proc.poll() is not None, 600)
+        assert term.proc.poll() is None, term.text[-3000:]
+        term.press_ctrl_c()
+        assert wait_for(lambda: "checkpointing and stopping" in term.text, timeout=60), term.text[-3000:]
+        term.press_ctrl_c()
+        pressed = time.monotonic()
+        rc = term.proc.wait(120)
+        print(f"exit {time.monotonic() - pressed:.1f}s after the second Ctrl-C")
+        assert rc == EXIT_PREEMPTED, term.text[-3000:]
+        assert "second SIGINT: stopping at once, without committing a checkpoint" in term.text
+        stopped = json.loads((run_dir / "preempted.json").read_text())
+        assert stopped["signal"] == "SIGINT" and stopped["aborted"] and stopped["committed"] is None
+        assert "Traceback" not in term.text, term.text[-3000:]
+        # Ray's processes (GCS, raylet, workers) went with it
+        assert wait_for(lambda: not term.session(), timeout=60), [q.name() for q in term.session()]
+    finally:
+        kill_tree(term.proc)
+        term.close()
 
 
 def test_a_second_ctrl_c_stops_at_once_and_says_so(tmp_path, capsys):

@@ -161,33 +161,39 @@ def run_on_ray(
     address = ray_address or os.environ.get("RAY_ADDRESS")
     started = False
     try:
-        # from the start of Ray on: a Ctrl-C while it starts gets the same two-step treatment
+        # From the start of Ray to its shutdown: a Ctrl-C while Ray starts gets the same two-step
+        # treatment, and a third one while it shuts down leaves at once.
         with forward_stop_signals(run_dir, recipe):
-            say(f"joining Ray at {address}" if address else "starting Ray")
-            started = _init_ray(ray_address, plan)
-            # Ray Train would send the workers' print() to its logger (on stderr) as well as to
-            # stdout: every line twice in the rank logs. Ray Train passes this on to the workers.
-            os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-            trainer = _trainer(recipe, run_dir, plan, {
-                "recipe": to_dict(recipe),
-                "run_dir": str(run_dir.resolve()),
-                "data_ref": ray.put(data),
-                "tokenizer_ref": ray.put(tokenizer),
-                "resume": resume,
-            })
-            say(f"starting {plan.num_workers} worker{'s' if plan.num_workers != 1 else ''}")
             try:
-                _fit_off_the_main_thread(trainer)
-            except Exception as e:  # Ray wraps worker exceptions; surface the user's own mistakes
-                user = _unwrap_user_error(e)
-                if user is not None:
-                    raise user from None
-                raise WorkerFailed(run_dir, e) from e
+                say(f"joining Ray at {address}" if address else "starting Ray")
+                started = _init_ray(ray_address, plan)
+                # Ray Train would send the workers' print() to its logger (on stderr) as well as
+                # to stdout: every line twice in the rank logs. Ray Train passes this on to them.
+                os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+                trainer = _trainer(recipe, run_dir, plan, {
+                    "recipe": to_dict(recipe),
+                    "run_dir": str(run_dir.resolve()),
+                    "data_ref": ray.put(data),
+                    "tokenizer_ref": ray.put(tokenizer),
+                    "resume": resume,
+                })
+                say(f"starting {plan.num_workers} worker{'s' if plan.num_workers != 1 else ''}")
+                _fit_guarded(trainer, run_dir)
+            finally:
+                if started or (not address and ray.is_initialized()):  # also a start cut short
+                    ray.shutdown()  # ends the workers, mid-step after a StopNow
     except StopNow:
-        return  # the finally below shuts Ray down, which ends the workers mid-step
-    finally:
-        if started or (not address and ray.is_initialized()):  # also a start cut short by StopNow
-            ray.shutdown()
+        return  # preempted.json says so
+
+
+def _fit_guarded(trainer: Any, run_dir: Path) -> None:
+    try:
+        _fit_off_the_main_thread(trainer)
+    except Exception as e:  # Ray wraps worker exceptions; surface the user's own mistakes
+        user = _unwrap_user_error(e)
+        if user is not None:
+            raise user from None
+        raise WorkerFailed(run_dir, e) from e
 
 
 def _trainer(recipe: Recipe, run_dir: Path, plan: RayPlan, config: dict[str, Any]) -> Any:
@@ -214,7 +220,7 @@ def _trainer(recipe: Recipe, run_dir: Path, plan: RayPlan, config: dict[str, Any
 
 def _fit_off_the_main_thread(trainer: Any) -> None:
     """Ray Train's fit(), called on the main thread, replaces the SIGINT handler with its own,
-    which aborts the run without a checkpoint (Ctrl-C exited 1). Called on another thread it
+    which aborts the run without a checkpoint (Ctrl-C exited 1). Called on another thread, it
     leaves ours in place (as under Ray Tune). The main thread waits in short joins, so that our
     handlers run at once."""
     box: dict[str, BaseException] = {}
