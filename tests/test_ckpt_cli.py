@@ -128,3 +128,17 @@ def test_resume_trains_when_there_is_something_to_train(tmp_path, no_training, c
     res = runner.invoke(app, ["resume", str(run_dir), *overrides])
     assert res.exit_code == 0, res.output
     assert len(no_training) == 1
+
+
+def test_list_shows_whole_paths_in_a_narrow_terminal(tmp_path, monkeypatch):
+    """A long run directory used to cut the path column to '…' in an 80-column terminal."""
+    from launcher.cli.app import console
+
+    run_dir = fake_run(tmp_path / ("a-rather-long-run-directory-name-" * 3), checkpoints=[4], last=4, finished=True)
+    monkeypatch.setattr(type(console), "is_terminal", property(lambda self: True))
+    monkeypatch.setattr(console, "width", 80)
+    res = runner.invoke(app, ["ckpt", "list", str(run_dir)])
+    assert res.exit_code == 0, res.output
+    assert "…" not in res.output
+    assert f"checkpoints/{step_tag(4)}" in res.output
+    assert str(run_dir) in res.output.replace("\n", "")

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
@@ -128,6 +129,13 @@ def _nothing_to_resume(run_dir: Path, max_steps: int | None, newest: int | None)
             f"{newest}: nothing to resume. To train further: {further}")
 
 
+def _relative(path: Path, run_dir: Path) -> str:
+    try:
+        return str(path.relative_to(run_dir))
+    except ValueError:  # a checkpoint directory outside the run directory (a bucket mount)
+        return str(path)
+
+
 def _size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
@@ -179,14 +187,18 @@ def ckpt_list(
         console.print(f"{run_dir}: no checkpoints" + (f" (the run reached step {last})" if last else ""),
                       highlight=False, markup=False)
         return
-    table = Table()
-    for col in ("", "step", "size", "state", "age", "path"):
-        table.add_column(col)
+    # Paths relative to the run directory (named in the title) stay short enough to show whole;
+    # a long absolute path used to be cut to "…" in a narrow terminal.
+    table = Table(title=Text(f"checkpoints of {run_dir}"), title_justify="left")
+    for col in ("", "step", "size", "state", "age"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("path", overflow="fold")
     for r in rows:
         table.add_row("*" if r["resume_from"] else "", str(r["step"]), _size(r["bytes"]),
                       "committed" if r["committed"] else ("[red]incomplete[/]" if r["incomplete"] else "[yellow]uncommitted[/]"),
-                      _age(r["mtime"]), r["path"])
-    console.print(table)
+                      _age(r["mtime"]), Text(_relative(Path(r["path"]), run_dir)))
+    # A pipe or a file gets the whole table instead of an 80-column squeeze.
+    (console if console.is_terminal else Console(width=200, soft_wrap=True)).print(table)
     if gap:
         console.print(Text(f"note: {gap}", style="yellow"))
 
