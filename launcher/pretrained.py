@@ -133,8 +133,12 @@ def explain(name: str, exc: BaseException, *, local_only: bool, what: str = "mod
             "trust it, or choose one that transformers supports natively"
         )
     if is_local(name):
-        return f"cannot load the {what} in {name} ({first}): point it at a directory written by save_pretrained"
-    if local_only or any(isinstance(e, (hub.LocalEntryNotFoundError, hub.OfflineModeIsEnabled)) for e in chain):
+        return (
+            f"cannot load the {what} in {name} ({first}): point it at a directory written by "
+            "save_pretrained"
+        )
+    not_cached = (hub.LocalEntryNotFoundError, hub.OfflineModeIsEnabled)
+    if local_only or any(isinstance(e, not_cached) for e in chain):
         why = "HF_HUB_OFFLINE is set"
         if _unreachable or not offline():
             why = f"the hub ({hub_endpoint()}) is unreachable from here"
@@ -171,7 +175,8 @@ def _hub_names(recipe: Any) -> list[str]:
 def go_offline_if_unreachable(recipe: Any) -> str | None:
     """When the recipe names hub ids but the hub cannot be reached, switch this process and the
     workers it starts (they inherit the environment) to the local cache: transformers would
-    otherwise retry each request five times (56 s for one tokenizer). Returns a note for the user, or None."""
+    otherwise retry each request five times (56 s for one tokenizer). Returns a note for the user,
+    or None."""
     global _unreachable
     if offline() or not _hub_names(recipe) or hub_reachable():
         return None
@@ -208,7 +213,7 @@ def check_for_submit(recipe: Any) -> str | None:
     reachable = bool(hub) and not offline() and hub_reachable()
     for name in hub:
         if not reachable and not _in_cache(name):
-            why = "HF_HUB_OFFLINE is set" if offline() else f"the hub ({hub_endpoint()}) is unreachable from here"
+            why = "HF_HUB_OFFLINE is set" if offline() else f"the hub ({hub_endpoint()}) is unreachable"
             return (
                 f"{name} was not checked: {why} and it is not in the local Hugging Face cache "
                 f"({hub_cache()}); the cluster must reach the hub or have it cached"

@@ -56,7 +56,9 @@ def train_tokenizer():
     )
     tok.train_from_iterator(_corpus(), trainer=trainer)
     bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)]
+    )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", model_max_length=512
     )
@@ -115,7 +117,7 @@ def hub_env(pretrained: dict[str, Path], **extra: str) -> dict[str, str]:
     return env
 
 
-def launcher(args: list, *, env: dict[str, str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+def launcher(args: list, *, env: dict[str, str], cwd: Path, timeout: int = 600):
     return subprocess.run([sys.executable, "-m", "launcher", *map(str, args)], env=env, cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -176,7 +178,8 @@ def check_export(export: Path, start: Path) -> None:
     norm = trained["model.norm.weight"].detach()
     assert not torch.equal(norm, initial["model.norm.weight"])  # training happened
     assert (norm - 0.5).abs().max() < 0.02  # ... starting from the snapshot (a fresh init is 1.0)
-    w0, w1 = initial["model.layers.0.mlp.up_proj.weight"], trained["model.layers.0.mlp.up_proj.weight"].detach()
+    name = "model.layers.0.mlp.up_proj.weight"
+    w0, w1 = initial[name], trained[name].detach()
     assert 0 < (w1 - w0).norm() < 0.5 * w0.norm()
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([tok("apple banana").input_ids])).logits
@@ -214,7 +217,8 @@ def test_fine_tune_by_hub_id_offline_and_from_a_relative_directory(tmp_path):
     assert recorded["model"]["name_or_path"] == str(work / "models" / "mine")  # absolute for the workers
 
     for run in ("sft", "pre"):
-        res = launcher(["ckpt", "export", f"runs/{run}", "--out", f"hf/{run}", "--dtype", "fp32"], env=env, cwd=work)
+        export = ["ckpt", "export", f"runs/{run}", "--out", f"hf/{run}", "--dtype", "fp32"]
+        res = launcher(export, env=env, cwd=work)
         assert res.returncode == 0, res.stdout + res.stderr
         check_export(work / "hf" / run, saved)
 
@@ -226,7 +230,8 @@ def test_fine_tune_by_hub_id_offline_and_from_a_relative_directory(tmp_path):
 def test_missing_hub_model_offline_exits_2_before_ray_starts(tmp_path, pretrained):
     work = tmp_path / "work"
     work.mkdir()
-    recipe = write_recipe(work / "sft.yaml", "nobody/no-such-model", task="sft", data=chat_rows(work / "chat.jsonl"))
+    data = chat_rows(work / "chat.jsonl")
+    recipe = write_recipe(work / "sft.yaml", "nobody/no-such-model", task="sft", data=data)
     res = launcher(["run", recipe, "--run-dir", "runs/x"], env=hub_env(pretrained), cwd=work, timeout=300)
     out = res.stdout + res.stderr
     assert res.returncode == 2, out
@@ -271,7 +276,7 @@ def test_relative_model_directory_resolves_against_the_working_directory(tmp_pat
 
     monkeypatch.chdir(tmp_path)
     shutil.copytree(pretrained["dir"], tmp_path / "models" / "mine")
-    assert is_local("models/mine") and is_local("./x") and is_local("../x") and is_local("/x") and is_local("~/x")
+    assert all(is_local(name) for name in ("models/mine", "./x", "../x", "/x", "~/x"))
     assert not is_local("models/missing") and not is_local("meta-llama/Llama-3.1-8B")
 
     r = _recipe("models/mine", name_or_path="./models/mine/")
@@ -283,7 +288,8 @@ def test_relative_model_directory_resolves_against_the_working_directory(tmp_pat
     hub = _recipe("meta-llama/Llama-3.1-8B")
     resolve_local_paths(hub)
     assert hub.model.name_or_path == "meta-llama/Llama-3.1-8B"  # a hub id, left to transformers
-    with pytest.raises(RecipeError, match=r"model\.name_or_path: local directory \./models/other not found") as e:
+    missing = r"model\.name_or_path: local directory \./models/other not found"
+    with pytest.raises(RecipeError, match=missing) as e:
         resolve_local_paths(_recipe("./models/other"))
     assert str(tmp_path) in str(e.value)
 
@@ -295,10 +301,12 @@ def test_trust_remote_code_reaches_the_tokenizer(tmp_path):
 
     bytes_tokenizer().save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
-    cfg.update(auto_map={"AutoTokenizer": [None, "custom_tok.CustomTokenizer"]}, tokenizer_class="CustomTokenizer")
+    cfg.update(auto_map={"AutoTokenizer": [None, "custom_tok.CustomTokenizer"]},
+               tokenizer_class="CustomTokenizer")
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
     (tmp_path / "custom_tok.py").write_text(
-        "from transformers import PreTrainedTokenizerFast\n\n\nclass CustomTokenizer(PreTrainedTokenizerFast):\n    pass\n"
+        "from transformers import PreTrainedTokenizerFast\n\n\n"
+        "class CustomTokenizer(PreTrainedTokenizerFast):\n    pass\n"
     )
     tok = build_tokenizer(TokenizerConfig(), str(tmp_path), trust_remote_code=True)
     assert type(tok).__name__ == "CustomTokenizer"
@@ -317,3 +325,20 @@ def test_submit_check_warns_when_nothing_here_can_answer(tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     with pytest.raises(RecipeError, match=r"model\.name_or_path: cannot load the model in .*empty"):
         check_for_submit(_recipe(str(tmp_path / "empty")))  # here, and definitely not a model
+
+
+def test_submit_check_answers_from_the_cache(tmp_path, pretrained):
+    """A hub id the local cache holds is checked offline (config and tokenizer), with no warning."""
+    code = (
+        "import sys; sys.path.insert(0, 'tests')\n"
+        "from test_hub_models import _recipe, REPO\n"
+        "from launcher.pretrained import check_for_submit\n"
+        "print('note:', check_for_submit(_recipe(REPO)))\n"
+        "print('note:', check_for_submit(_recipe('tiny-org/not-cached')))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], env=hub_env(pretrained), cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    notes = [line for line in res.stdout.splitlines() if line.startswith("note:")]
+    assert notes[0] == "note: None"
+    assert notes[1].startswith("note: tiny-org/not-cached was not checked: HF_HUB_OFFLINE is set")

@@ -38,6 +38,7 @@ def test_a_hub_id_is_not_taken_for_a_missing_local_directory(monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     tok = build_tokenizer(from_dict(tiny_recipe_dict()).tokenizer, None)
-    with pytest.raises(RecipeError, match=r"^model\.name_or_path: nobody/no-such-model not found locally or in the "
-                       r"Hugging Face cache .* run `hf download nobody/no-such-model`"):
+    want = (r"^model\.name_or_path: nobody/no-such-model not found locally or in the Hugging Face cache "
+            r".* run `hf download nobody/no-such-model`")
+    with pytest.raises(RecipeError, match=want):
         model_config(ModelConfig(name_or_path="nobody/no-such-model", dtype="fp32"), tok)
