@@ -99,7 +99,8 @@ def test_a_resumed_runs_old_lines_set_the_position_and_keep_the_phases_showing(t
         assert wait_until(lambda: display.progress.tasks[0].completed == 10)
         display.phase("starting Ray")  # the old lines did not end the phases
         append(tmp_path / "metrics.jsonl",
-               {"event": "resume", "step": 10, "checkpoint": "step-00000010", "world_size": 2, "time": time.time()},
+               {"event": "resume", "step": 10, "checkpoint": "step-00000010", "world_size": 2,
+                "time": time.time()},
                step(11), step(12))
         assert wait_until(lambda: display.progress.tasks[0].completed == 12)
     lines = console.file.getvalue().splitlines()

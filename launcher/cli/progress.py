@@ -117,7 +117,8 @@ class Display:
             if not self.live:
                 self.console.print(f"training: {rec['total_steps']} steps on {rec['world_size']} workers")
         elif rec.get("event") == "resume" and not self.live:
-            self.console.print(f"resumed at step {rec['step']} on {rec['world_size']} workers", highlight=False)
+            self.console.print(f"resumed at step {rec['step']} on {rec['world_size']} workers",
+                               highlight=False)
         elif rec.get("eval"):
             self.console.print(f"  step {rec['step']}: eval loss {rec['eval_loss']:.4f}")
         elif "loss" in rec:

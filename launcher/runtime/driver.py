@@ -64,7 +64,8 @@ def _worker_entry(config: dict[str, Any]) -> None:
     log_dir.mkdir(parents=True, exist_ok=True)
     _redirect_output(log_dir / f"rank-{rank}.log")
     (log_dir / f"rank-{rank}.node").write_text(node_id + "\n")
-    print(f"launcher: rank {rank} of {world} on node {node_id[:12]}, pid {os.getpid()}, run {run_dir}", flush=True)
+    print(f"launcher: rank {rank} of {world} on node {node_id[:12]}, pid {os.getpid()}, run {run_dir}",
+          flush=True)
     if rank == 0:
         write_phase(run_dir, "loading PyTorch, DeepSpeed and transformers on the workers")
     quiet_libraries()  # before the imports below: some libraries warn while importing
@@ -85,7 +86,8 @@ def _ending(summary: dict[str, Any]) -> str:
     """The worker's last log line."""
     if summary.get("preempted"):
         committed = summary.get("committed") or "no checkpoint committed"
-        return f"stopped after step {summary.get('step')} ({summary.get('signal') or 'stop request'}): {committed}"
+        why = summary.get("signal") or "stop request"
+        return f"stopped after step {summary.get('step')} ({why}): {committed}"
     return f"done: {summary.get('steps')} steps, final loss {summary.get('final_loss')}"
 
 
