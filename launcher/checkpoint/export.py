@@ -216,7 +216,8 @@ def _recipe_config(recipe: Any) -> tuple[Any, Any, Any]:
     from launcher.data import build_tokenizer
     from launcher.runtime.model import model_config
 
-    tokenizer = build_tokenizer(recipe.tokenizer, recipe.model.name_or_path)
+    tokenizer = build_tokenizer(recipe.tokenizer, recipe.model.name_or_path,
+                                trust_remote_code=recipe.model.trust_remote_code)
     return recipe, model_config(recipe.model, tokenizer), tokenizer
 
 

@@ -46,8 +46,11 @@ def submit(
     from launcher.recipe import load_recipe
     from launcher.runs import Registry
 
+    from launcher.pretrained import warn_for_submit
+
     r = load_recipe(recipe, overrides or [])
     profile = load_profile(cluster)
+    warn_for_submit(r)  # the model and tokenizer resolve (exit 2 if surely not), before anything is made
     if profile.backend == "skypilot":
         _submit_skypilot(r, profile, recipe, cluster, run_dir, dry_run=dry_run, force=force, as_json=as_json)
         return

@@ -118,6 +118,11 @@ def run_job(
     from launcher.checkpoint.preflight import check_resume
     from launcher.runtime.driver import PHASE_FILE, run_on_ray
 
+    from launcher.pretrained import resolve_local_paths
+
+    # Before anything reads the recipe: the checkpoint fingerprint records the absolute model
+    # directory, so `models/mine` must compare equal when the same command runs again.
+    resolve_local_paths(recipe)
     say = notify or (lambda message: None)
     check_run_dir(run_dir)
     resume_from = None

@@ -234,7 +234,8 @@ def train(
     signals = WorkerSignals(notice_window_s(recipe.checkpoint.preempt_window_s))
     _seed_everything(t.seed)
     if tokenizer is None:
-        tokenizer = build_tokenizer(recipe.tokenizer, recipe.model.name_or_path)
+        tokenizer = build_tokenizer(recipe.tokenizer, recipe.model.name_or_path,
+                                    trust_remote_code=recipe.model.trust_remote_code)
     if data is None:
         data = build_datasets(recipe, tokenizer)
     pad_id = tokenizer.pad_token_id
