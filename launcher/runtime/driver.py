@@ -165,10 +165,12 @@ def run_on_ray(
     try:
         # From the start of Ray to its shutdown: a Ctrl-C while Ray starts gets the same two-step
         # treatment, and a third one while it shuts down leaves at once.
-        with forward_stop_signals(run_dir, recipe):
+        with forward_stop_signals(run_dir, recipe) as reinstall:
             try:
                 say(f"joining Ray at {address}" if address else "starting Ray")
                 started = _init_ray(ray_address, plan)
+                # Ray's core replaced our SIGTERM handler with its own (a stack dump and abort)
+                reinstall()
                 # Ray Train would send the workers' print() to its logger (on stderr) as well as
                 # to stdout: every line twice in the rank logs. Ray Train passes this on to them.
                 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
@@ -247,10 +249,11 @@ class StopNow(BaseException):
 
 
 @contextmanager
-def forward_stop_signals(run_dir: Path, recipe: Recipe) -> Iterator[None]:
+def forward_stop_signals(run_dir: Path, recipe: Recipe) -> Iterator[Callable[[], None]]:
     """While the workers train: the first signal writes the stop request they poll after every
     step; the second marks it aborted (a save in progress is never committed), records the stop
-    in preempted.json and raises StopNow; a third exits the process at once."""
+    in preempted.json and raises StopNow; a third exits the process at once. Yields a function
+    that installs the handlers again (after a library replaced them)."""
     import signal
 
     from launcher.checkpoint import preempt
@@ -276,9 +279,15 @@ def forward_stop_signals(run_dir: Path, recipe: Recipe) -> Iterator[None]:
             raise StopNow()
         os._exit(EXIT_PREEMPTED)  # Ray's shutdown itself hangs: leave now
 
-    old = {s: signal.signal(s, handle) for s in preempt.SIGNALS}
+    old: dict[int, Any] = {}
+
+    def install() -> None:
+        for s in preempt.SIGNALS:
+            old.setdefault(s, signal.signal(s, handle))
+
+    install()
     try:
-        yield
+        yield install
     finally:
         for s, h in old.items():
             signal.signal(s, h)
