@@ -168,6 +168,7 @@ def test_ctrl_c_twice_while_the_workers_start_stops_at_once_and_leaves_nothing(r
         print(f"exit {time.monotonic() - pressed:.1f}s after the second Ctrl-C")
         assert rc == EXIT_PREEMPTED, term.text[-3000:]
         assert "second SIGINT: stopping at once, without committing a checkpoint" in term.text
+        assert "nothing was committed by this stop" in " ".join(term.text.split())  # not "no time to save"
         stopped = json.loads((run_dir / "preempted.json").read_text())
         assert stopped["signal"] == "SIGINT" and stopped["aborted"] and stopped["committed"] is None
         assert "Traceback" not in term.text, term.text[-3000:]

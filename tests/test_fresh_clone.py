@@ -170,3 +170,8 @@ def test_tiny_pretrain_then_the_checkpoint_verbs_in_a_fresh_clone(clone):
     assert res.returncode == 0 and json.loads(res.stdout)["steps_not_exported"] == 0, res.stdout + res.stderr
     res = launcher(["resume", str(run_dir)], clone)
     assert res.returncode == 0 and "already finished at step 6" in res.stdout, res.stdout + res.stderr
+    # the same `launcher run` again: the run is finished, so nothing starts (no Ray, no workers)
+    res = launcher([*cmd, "train.max_steps=6", "train.eval_every=3", "--run-dir", str(run_dir)], clone, timeout=300)
+    text = " ".join((res.stdout + res.stderr).split())
+    assert res.returncode == 0 and "already finished at step 6" in text, text[-3000:]
+    assert "starting Ray" not in text and "done 6 steps" in text, text[-3000:]

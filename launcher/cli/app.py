@@ -114,6 +114,12 @@ def _run_and_report(r, out_dir: Path, *, ray_address: Optional[str], as_json: bo
             r, out_dir, ray_address=ray_address, progress=lambda d: training_progress(d, out),
             resume=resume, notify=lambda m: out.print(m, highlight=False, markup=False),
         )
+    except KeyboardInterrupt:
+        # Only before Ray starts (reading the data, checking the model): the workers' phase
+        # turns Ctrl-C into a checkpoint and exit 75 instead. Nothing was trained yet.
+        out.print(Text("interrupted before training started: nothing was trained or saved", style="yellow"),
+                  highlight=False)
+        raise typer.Exit(130) from None
     except WorkerFailed as e:
         out.print(Text(str(e), style="bold red"), highlight=False)
         logs = sorted((out_dir / "logs").glob("rank-*.log"))
@@ -126,13 +132,8 @@ def _run_and_report(r, out_dir: Path, *, ray_address: Optional[str], as_json: bo
         p = result.preempted
         if as_json:
             print(json.dumps({"run_dir": str(out_dir), "preempted": p}))
-        out.print(
-            f"[bold yellow]preempted[/] after step {p['step']}: "
-            + (f"checkpoint {p['committed']} committed" if p.get("committed") else "no time to save; "
-               "the previous checkpoint stands")
-            + f". Resume: launcher resume {escape(str(out_dir))}",
-            highlight=False,
-        )
+        out.print(f"[bold yellow]preempted[/] after step {p['step']}: {escape(_stop_outcome(p))}. "
+                  f"Resume: launcher resume {escape(str(out_dir))}", highlight=False)
         raise typer.Exit(EXIT_PREEMPTED)
     if as_json:
         print(json.dumps({"run_dir": str(out_dir), **result.summary, "first_loss": result.first_loss, "samples": result.samples}))
@@ -160,6 +161,16 @@ def _run_and_report(r, out_dir: Path, *, ray_address: Optional[str], as_json: bo
             table.add_row(*(Text(c) for c in cells))  # generated text is not markup
         console.print(table)
     console.print(f"metrics: {out_dir / 'metrics.jsonl'}   plot: launcher plot {out_dir}", highlight=False, markup=False)
+
+
+def _stop_outcome(p: dict) -> str:
+    """What a stop left behind, from preempted.json."""
+    if p.get("aborted"):
+        return (f"stopped at once ({p.get('signal') or 'second signal'}); nothing was committed by this stop, "
+                "the previous checkpoint stands")
+    if p.get("committed"):
+        return f"checkpoint {p['committed']} committed"
+    return "no time to save; the previous checkpoint stands"
 
 
 def _oversubscribed(r, ray_address: Optional[str]) -> Optional[str]:

@@ -115,40 +115,22 @@ def run_job(
     from contextlib import nullcontext
 
     from launcher.checkpoint import preempt
-    from launcher.checkpoint.preflight import check_resume
-    from launcher.runtime.driver import PHASE_FILE, run_on_ray
-
     from launcher.pretrained import resolve_local_paths
+    from launcher.runtime.driver import PHASE_FILE, run_on_ray
 
     # Before anything reads the recipe: the checkpoint fingerprint records the absolute model
     # directory, so `models/mine` must compare equal when the same command runs again.
     resolve_local_paths(recipe)
     say = notify or (lambda message: None)
     check_run_dir(run_dir)
-    resume_from = None
-    if has_run(run_dir):
-        if not resume:
-            say(f"--no-resume: the earlier run was moved to {set_aside(run_dir)}")
-        else:
-            from launcher.checkpoint.layout import list_step_dirs
-
-            for s in list_step_dirs(run_dir):
-                if s.problem:  # a manifest next to missing or partial files (a cut-short upload)
-                    say(f"skipping {s.path.name}, not completely written ({s.problem}); it is removed")
-            resume_from = check_resume(run_dir, recipe)
-            if resume_from is None:
-                if (run_dir / SUMMARY_FILE).exists():
-                    raise UserError(
-                        f"{run_dir} already holds a finished run and no committed checkpoint to continue "
-                        "from: choose another --run-dir, or --no-resume to move that run aside and start over"
-                    )
-                # stopped before its first checkpoint (e.g. preempted early): start over, keep its log
-                old = run_dir / METRICS_FILE
-                if old.exists():
-                    old.rename(run_dir / f"metrics.before-restart-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
-                say(f"{run_dir} has no committed checkpoint: training starts from step 0")
-            else:
-                say(f"resuming from {resume_from.path}")
+    resume_from = _resume_point(run_dir, recipe, resume, say)
+    finished = (run_dir / SUMMARY_FILE).exists() and resume_from is not None
+    if finished and recipe.train.max_steps is not None and resume_from.step >= recipe.train.max_steps:
+        # Every example recipe now saves at the end: a second `launcher run` of the same command
+        # used to start Ray for minutes to train nothing.
+        say(f"{run_dir} already finished at step {resume_from.step}: nothing to train "
+            f"(raise train.max_steps to go on)")
+        return load_result(run_dir)
     say("checking the model, tokenizer and data")  # before Ray: a hub model can take a while
     tokenizer, data = preflight(recipe)
     prepare_run_dir(run_dir, recipe)
@@ -163,6 +145,37 @@ def run_job(
     if stopped.exists():
         return JobResult(run_dir, {}, preempted=json.loads(stopped.read_text()))
     return load_result(run_dir)
+
+
+def _resume_point(run_dir: Path, recipe: Recipe, resume: bool, say: Any) -> Any:
+    """The committed checkpoint a run continues from (None: from step 0); `--no-resume` moves an
+    earlier run aside."""
+    from launcher.checkpoint.layout import list_step_dirs
+    from launcher.checkpoint.preflight import check_resume
+
+    if not has_run(run_dir):
+        return None
+    if not resume:
+        say(f"--no-resume: the earlier run was moved to {set_aside(run_dir)}")
+        return None
+    for s in list_step_dirs(run_dir):
+        if s.problem:  # a manifest next to missing or partial files (a cut-short upload)
+            say(f"skipping {s.path.name}, not completely written ({s.problem}); it is removed")
+    resume_from = check_resume(run_dir, recipe)
+    if resume_from is not None:
+        say(f"resuming from {resume_from.path}")
+        return resume_from
+    if (run_dir / SUMMARY_FILE).exists():
+        raise UserError(
+            f"{run_dir} already holds a finished run and no committed checkpoint to continue "
+            "from: choose another --run-dir, or --no-resume to move that run aside and start over"
+        )
+    # stopped before its first checkpoint (e.g. preempted early): start over, keep its log
+    old = run_dir / METRICS_FILE
+    if old.exists():
+        old.rename(run_dir / f"metrics.before-restart-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+    say(f"{run_dir} has no committed checkpoint: training starts from step 0")
+    return None
 
 
 def load_result(run_dir: Path) -> JobResult:
