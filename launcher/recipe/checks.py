@@ -8,6 +8,12 @@ from launcher.recipe.sections import Recipe
 
 def check_combinations(r: Recipe) -> None:
     """Raise RecipeError for a combination that would fail after launch."""
+    _check_layout(r)
+    _check_data(r)
+    _check_model(r)
+
+
+def _check_layout(r: Recipe) -> None:
     par = r.parallelism
     if par.pipeline_stages > 1 and par.zero_stage >= 2:
         raise RecipeError(
@@ -45,6 +51,9 @@ def check_combinations(r: Recipe) -> None:
             f"{r.resources.nodes} nodes need at least one CPU worker each: set "
             f"resources.cpu_workers >= {r.resources.nodes}",
         )
+
+
+def _check_data(r: Recipe) -> None:
     task, fmt = r.train.task, r.data.format
     synthetic = r.data.synthetic
     if synthetic is not None:
@@ -68,6 +77,9 @@ def check_combinations(r: Recipe) -> None:
             "data.format=text has no prompt/response pairs: set train.task=pretrain, or use an "
             "instruction format (alpaca, sharegpt, chat)",
         )
+
+
+def _check_model(r: Recipe) -> None:
     if not r.tokenizer.name_or_path and not r.tokenizer.builtin and not r.model.name_or_path:
         raise RecipeError(
             "tokenizer",
