@@ -98,6 +98,7 @@ def test_corrupted_shard_is_named_by_verify_and_resume(baseline, tmp_path):
     assert r.returncode == 0 and f"skipping {step.path.name}" in out and shard.name in out, out[-3000:]
     resumes = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"resume"' in x]
     assert resumes and resumes[-1]["step"] < step.step
+    assert resumes[-1]["total_steps"] == STEPS  # the progress display's total after a resume
     assert losses(run_dir) == losses(baseline)
 
 

@@ -117,3 +117,14 @@ def test_display_without_terminal_counts_steps_of_a_resumed_run(tmp_path):
     display.record(step(11))
     assert "resumed at step 10 on 2 workers" in console.file.getvalue()
     assert display.progress.tasks[0].completed == 11
+
+
+def test_a_resume_that_moves_the_end_shows_the_new_total(tmp_path):
+    """`launcher resume RUN train.max_steps=30` of a 20-step run: the bar went on showing /20."""
+    console = Console(file=io.StringIO(), force_terminal=False, width=120)
+    display = Display(console)
+    display.record(start(time.time() - 600))
+    display.record({"event": "resume", "step": 10, "checkpoint": "step-00000010", "world_size": 2,
+                    "total_steps": 30, "time": time.time()})
+    display.record(step(11))
+    assert display.progress.tasks[0].total == 30 and display.total == 30

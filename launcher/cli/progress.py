@@ -116,9 +116,13 @@ class Display:
             self.progress.update(self.task, total=rec["total_steps"])
             if not self.live:
                 self.console.print(f"training: {rec['total_steps']} steps on {rec['world_size']} workers")
-        elif rec.get("event") == "resume" and not self.live:
-            self.console.print(f"resumed at step {rec['step']} on {rec['world_size']} workers",
-                               highlight=False)
+        elif rec.get("event") == "resume":
+            if rec.get("total_steps"):  # the resumed run's own end, which an override may have moved
+                self.total = rec["total_steps"]
+                self.progress.update(self.task, total=rec["total_steps"])
+            if not self.live:
+                self.console.print(f"resumed at step {rec['step']} on {rec['world_size']} workers",
+                                   highlight=False)
         elif rec.get("eval"):
             self.console.print(f"  step {rec['step']}: eval loss {rec['eval_loss']:.4f}")
         elif "loss" in rec:

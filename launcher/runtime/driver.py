@@ -111,6 +111,7 @@ def _init_ray(address: str | None, plan: RayPlan) -> bool:
         ray.init(address=address, **common)
         return False
     cpus = max(os.cpu_count() or 1, plan.num_workers * int(plan.resources_per_worker.get("CPU", 1)))
+    _quiet_default_token_notice()
     ray.init(
         # "local" always starts a new cluster: without it Ray joins any cluster that `ray start`
         # left running on this machine (another user's, another job's).
@@ -121,6 +122,23 @@ def _init_ray(address: str | None, plan: RayPlan) -> bool:
         **common,
     )
     return True
+
+
+class _DropTokenEnabledNotice:
+    """Ray announces on every start that it turned token authentication on by default. That is
+    what we want for the private cluster, and the line interrupts the terminal's progress display;
+    Ray's warning that authentication is *off* still shows."""
+
+    def filter(self, record: Any) -> bool:
+        return "Token authentication is enabled for this Ray cluster" not in record.getMessage()
+
+
+def _quiet_default_token_notice() -> None:
+    import logging
+
+    log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _DropTokenEnabledNotice) for f in log.filters):
+        log.addFilter(_DropTokenEnabledNotice())
 
 
 def _unwrap_user_error(exc: BaseException) -> UserError | None:

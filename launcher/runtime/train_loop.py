@@ -320,8 +320,9 @@ def train(
         _truncate_metrics(run_dir, start_step)  # steps after the checkpoint are trained again
         writer = MetricsWriter(run_dir, recipe.logging, run_name=recipe.name, recipe=to_dict(recipe))
         if resumed_from is not None:
+            # total_steps: a resume may move the end (train.max_steps=...); the display follows it
             writer.log({"event": "resume", "step": start_step, "checkpoint": resumed_from.path.name,
-                        "world_size": ctx.world_size, "time": time.time()})
+                        "total_steps": steps, "world_size": ctx.world_size, "time": time.time()})
         else:
             writer.log({"event": "start", "total_steps": steps, "world_size": ctx.world_size,
                         "train_examples": len(data.train), "eval_examples": len(data.eval),
