@@ -84,3 +84,30 @@ def test_more_cpu_workers_than_cores_is_said(monkeypatch):
     assert msg and "16 cores" in msg and "has 2" in msg and "resources.cpu_workers=2" in msg
     assert _oversubscribed(from_dict(tiny_recipe_dict(resources={"cpu_workers": 2})), None) is None
     assert _oversubscribed(many, "10.0.0.1:6379") is None  # a cluster's cores are not this machine's
+
+
+def test_only_rays_token_enabled_notice_is_dropped():
+    """Ray's notice that it turned token auth on interrupted the progress bar on every start; its
+    warning that auth is off must still reach the user."""
+    import logging
+
+    from launcher.runtime.driver import _quiet_default_token_notice
+
+    _quiet_default_token_notice()
+    _quiet_default_token_notice()  # idempotent: one filter
+    log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    keep = Keep()
+    log.addHandler(keep)
+    try:
+        log.warning("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled ...")
+        log.warning("Token authentication is disabled for this Ray cluster. Anyone with network access ...")
+    finally:
+        log.removeHandler(keep)
+    assert seen == ["Token authentication is disabled for this Ray cluster. Anyone with network access ..."]
+    assert len(log.filters) == 1
