@@ -132,7 +132,7 @@ def test_resume_trains_when_there_is_something_to_train(tmp_path, no_training, c
 
 def test_list_shows_whole_paths_in_a_narrow_terminal(tmp_path, monkeypatch):
     """A long run directory used to cut the path column to '…' in an 80-column terminal."""
-    from launcher.cli.app import console
+    from launcher.cli.common import console
 
     run_dir = fake_run(tmp_path / ("a-rather-long-run-directory-name-" * 3), checkpoints=[4], last=4, finished=True)
     monkeypatch.setattr(type(console), "is_terminal", property(lambda self: True))

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import typer.main
 from typer.testing import CliRunner
 
 from conftest import RECIPES, ROOT
@@ -28,6 +29,25 @@ def test_verbs_are_stable():
     root = typer.main.get_command(app)
     assert {"run", "plot", "recipes"} <= set(root.commands)
     assert {"validate", "show", "docs"} <= set(root.commands["recipes"].commands)
+
+
+def test_verb_modules_do_not_import_the_root_app():
+    """The verbs register in launcher/cli/app.py; a verb module importing it back (the old
+    registration by import at the bottom of app.py) is a circular import."""
+    import ast
+
+    for path in sorted((ROOT / "launcher" / "cli").glob("*.py")):
+        if path.name in ("app.py", "__init__.py"):
+            continue
+        tree = ast.parse(path.read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert "launcher.cli.app" not in imported, path.name
+    root = typer.main.get_command(app)
+    assert list(root.commands) == [
+        "run", "plot", "resume", "estimate", "submit", "status", "logs", "cancel", "recipes", "ckpt"
+    ]
+    assert list(root.commands["ckpt"].commands) == ["list", "verify", "export"]
 
 
 @pytest.mark.parametrize("verb", [["run"], ["plot"], ["recipes", "validate"], ["recipes", "show"], ["recipes", "docs"]])

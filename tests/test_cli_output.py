@@ -29,7 +29,7 @@ def test_error_message_keeps_brackets(monkeypatch, capsys):
 
 def test_long_command_is_not_wrapped(monkeypatch, tmp_path):
     """A command printed for copying stays on one line even in a narrow terminal."""
-    from launcher.cli.app import console
+    from launcher.cli.common import console
 
     monkeypatch.setattr(console, "width", 40)
     path = tmp_path / ("a-long-run-directory-name-" * 3)
@@ -74,7 +74,7 @@ def test_submit_dry_run_warns_about_missing_secret_on_stderr(tmp_path):
 
 def test_more_cpu_workers_than_cores_is_said(monkeypatch):
     from conftest import tiny_recipe_dict
-    from launcher.cli.app import _oversubscribed
+    from launcher.cli.common import _oversubscribed
     from launcher.recipe.load import from_dict
 
     monkeypatch.setattr("os.cpu_count", lambda: 2)

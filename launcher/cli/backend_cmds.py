@@ -16,10 +16,9 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from launcher.cli.app import Overrides, app, console
+from launcher.cli.common import Overrides, console
 from launcher.errors import UserError
 
-@app.command()
 def submit(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)],
     overrides: Overrides = None,
@@ -188,7 +187,6 @@ _STYLE = {"completed": "green", "running": "cyan", "pending": "yellow", "preempt
           "failed": "red", "cancelled": "dim", "timeout": "red"}
 
 
-@app.command()
 def status(
     run_id: Annotated[Optional[str], typer.Argument(help="A run id (or unique prefix); all runs if omitted.", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
@@ -243,7 +241,6 @@ def status(
                           highlight=False, markup=False)
 
 
-@app.command()
 def logs(
     run_id: Annotated[str, typer.Argument(help="A run id (or unique prefix).", show_default=False)],
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing as the log grows, until the run ends.")] = False,
@@ -287,7 +284,6 @@ def logs(
         time.sleep(2)
 
 
-@app.command()
 def cancel(
     run_id: Annotated[str, typer.Argument(help="A run id (or unique prefix).", show_default=False)],
 ) -> None:

@@ -12,11 +12,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from launcher.cli.app import Overrides, app, console, run_and_report
+from launcher.cli.common import Overrides, console, run_and_report
 from launcher.errors import UserError
 
-ckpt_app = typer.Typer(help="List, verify and export checkpoints of a run.", no_args_is_help=True)
-app.add_typer(ckpt_app, name="ckpt")
 
 RunDir = Annotated[Path, typer.Argument(help="A run directory.", show_default=False)]
 
@@ -66,7 +64,6 @@ def behind(run_dir: Path, step: int | None, newest: bool = True) -> tuple[int | 
     )
 
 
-@app.command()
 def resume(
     run_dir: RunDir,
     overrides: Overrides = None,
@@ -152,7 +149,6 @@ def _age(t: float) -> str:
     return f"{s:.0f}s ago"
 
 
-@ckpt_app.command("list")
 def ckpt_list(
     run_dir: RunDir,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
@@ -203,7 +199,6 @@ def ckpt_list(
         console.print(Text(f"note: {gap}", style="yellow"))
 
 
-@ckpt_app.command("verify")
 def ckpt_verify(
     run_dir: RunDir,
     step: Annotated[Optional[int], typer.Option("--step", help="Verify this step (default: every committed one).")] = None,

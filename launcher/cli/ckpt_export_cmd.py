@@ -10,8 +10,8 @@ from typing import Annotated, Optional
 import typer
 from rich.text import Text
 
-from launcher.cli.app import console
-from launcher.cli.ckpt_cmds import behind, ckpt_app
+from launcher.cli.ckpt_cmds import behind
+from launcher.cli.common import console
 from launcher.errors import UserError
 
 
@@ -56,7 +56,6 @@ def _human(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-@ckpt_app.command("export")
 def ckpt_export(
     run_dir: Annotated[Path, typer.Argument(help="A run directory.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", help="New directory for the Hugging Face model.", show_default=False)],

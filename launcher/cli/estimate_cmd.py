@@ -8,11 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from launcher.cli.app import app
 from launcher.errors import UserError
 
 
-@app.command()
 def estimate(
     recipe: Annotated[
         Optional[str], typer.Argument(help="Recipe YAML file (or leave out and use --model).", show_default=False)
