@@ -88,6 +88,21 @@ def test_bad_recipes_name_the_key(override, key, fragment):
     assert fragment in str(exc.value)
 
 
+def test_flash_attention_with_packing_needs_one_row_per_micro_batch():
+    """flash-attn keeps packed documents apart only for a batch of one row: more rows are refused,
+    with both fixes named (and the grad_accum that keeps the global batch)."""
+    fa = ["model.attn_implementation=flash_attention_2", "data.packing=true"]
+    with pytest.raises(RecipeError) as exc:
+        load_recipe(RECIPES / "examples/tiny-sft.yaml", [*fa, "train.micro_batch_size=4", "train.grad_accum=2"])
+    assert exc.value.key == "train.micro_batch_size"
+    assert "train.micro_batch_size=1 train.grad_accum=8" in str(exc.value)
+    assert "model.attn_implementation=sdpa" in str(exc.value)
+    # one row per micro-batch, no packing, or another kernel: accepted
+    load_recipe(RECIPES / "examples/tiny-sft.yaml", [*fa, "train.micro_batch_size=1", "train.grad_accum=8"])
+    load_recipe(RECIPES / "examples/tiny-sft.yaml", [fa[0], "data.packing=false", "train.micro_batch_size=4"])
+    load_recipe(RECIPES / "examples/tiny-sft.yaml", ["model.attn_implementation=sdpa", fa[1], "train.micro_batch_size=4"])
+
+
 def test_missing_required_sections():
     d = tiny_recipe_dict()
     del d["train"]

@@ -11,6 +11,7 @@ def check_combinations(r: Recipe) -> None:
     _check_layout(r)
     _check_data(r)
     _check_model(r)
+    _check_packed_attention(r)
 
 
 def _check_layout(r: Recipe) -> None:
@@ -106,3 +107,17 @@ def _check_model(r: Recipe) -> None:
                 "model.config.vocab_size",
                 f"the bytes tokenizer has {BYTES_VOCAB_SIZE} tokens: set vocab_size >= {BYTES_VOCAB_SIZE}",
             )
+
+
+def _check_packed_attention(r: Recipe) -> None:
+    # transformers turns position-id resets into per-document attention for flash-attn only when
+    # the batch is one row; with more rows the packed documents of a row attend to each other.
+    mbs, accum = r.train.micro_batch_size, r.train.grad_accum
+    if r.model.attn_implementation == "flash_attention_2" and r.data.packing and mbs > 1:
+        raise RecipeError(
+            "train.micro_batch_size",
+            f"model.attn_implementation=flash_attention_2 with data.packing=true keeps packed documents "
+            f"apart only with one row per micro-batch (micro_batch_size is {mbs}): set "
+            f"train.micro_batch_size=1 train.grad_accum={mbs * accum} (same global batch), or "
+            "model.attn_implementation=sdpa",
+        )
