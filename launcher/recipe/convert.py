@@ -16,6 +16,74 @@ from typing import Any, Literal, Union
 from launcher.errors import RecipeError
 
 
+class FromEnv:
+    """A recipe value that came from the environment through `${oc.env:...}`: it acts as the value
+    in memory, while `reference` keeps the recipe's text, which is all that is ever written
+    (recipe.yaml, W&B config, checkpoint fingerprint) or shown by repr()."""
+
+    __slots__ = ()
+    reference: str
+
+    def __repr__(self) -> str:
+        return repr(self.reference)
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (_BASES[type(self)](self), self.reference))
+
+    def __copy__(self) -> "FromEnv":
+        return self  # immutable, like the value it wraps
+
+    def __deepcopy__(self, memo: dict) -> "FromEnv":
+        return self
+
+
+class EnvStr(FromEnv, str):
+    def __new__(cls, value: str, reference: str) -> "EnvStr":
+        obj = str.__new__(cls, value)
+        obj.reference = reference
+        return obj
+
+
+class EnvInt(FromEnv, int):
+    def __new__(cls, value: int, reference: str) -> "EnvInt":
+        obj = int.__new__(cls, value)
+        obj.reference = reference
+        return obj
+
+
+class EnvFloat(FromEnv, float):
+    def __new__(cls, value: float, reference: str) -> "EnvFloat":
+        obj = float.__new__(cls, value)
+        obj.reference = reference
+        return obj
+
+
+_BASES: dict[type, type] = {EnvStr: str, EnvInt: int, EnvFloat: float}
+
+
+def from_env(value: Any, reference: str) -> Any:
+    """`value` marked as read through `reference`. None and booleans cannot carry the mark (and
+    cannot hold a secret): they stay plain and are written as they are."""
+    if isinstance(value, FromEnv) or isinstance(value, bool) or value is None:
+        return value
+    for marked, base in _BASES.items():
+        if isinstance(value, base):
+            return marked(value, reference)
+    return value
+
+
+def redact(node: Any, *, keep_values: bool = False) -> Any:
+    """Plain data with every value read from the environment replaced by its reference (or,
+    with `keep_values`, by the plain value: YAML and JSON writers want exact types)."""
+    if isinstance(node, FromEnv):
+        return _BASES[type(node)](node) if keep_values else node.reference
+    if isinstance(node, dict):
+        return {k: redact(v, keep_values=keep_values) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [redact(v, keep_values=keep_values) for v in node]
+    return node
+
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -89,19 +157,20 @@ def convert(tp: Any, value: Any, key: str) -> Any:
             return value
         raise RecipeError(key, f"expected an integer, got {value!r}")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads `1e-4` as a string
-            try:
-                return float(value)
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            try:  # YAML 1.1 reads `1e-4` as a string
+                number = float(value)
             except ValueError:
                 pass
+            else:
+                return from_env(number, value.reference) if isinstance(value, FromEnv) else number
         raise RecipeError(key, f"expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
+            text = str(value)
+            return from_env(text, value.reference) if isinstance(value, FromEnv) else text
         raise RecipeError(key, f"expected a string, got {value!r}")
     raise TypeError(f"unsupported annotation {tp!r} at {key}")  # a bug in the schema, not user input
 

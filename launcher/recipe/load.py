@@ -14,7 +14,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from launcher.errors import COMMAND_LINE, RecipeError, UserError
 from launcher.recipe.checks import check_combinations
-from launcher.recipe.convert import build
+from launcher.recipe.convert import FromEnv, build, from_env, redact
 from launcher.recipe.sections import Recipe
 
 RECIPES_ROOT = Path(__file__).resolve().parents[2] / "recipes"
@@ -144,14 +144,77 @@ def _apply_overrides(cfg: DictConfig, overrides: Sequence[str], origins: Origins
         raise UserError(f"cannot apply overrides: {str(e).splitlines()[0]}") from None
 
 
+_ENV = re.compile(r"\$\{oc\.env:[^${}]*\}")
+"""A `${oc.env:NAME}` or `${oc.env:NAME,default}` interpolation with a literal name."""
+_ONLY_OC = re.compile(r"\$\{(?!oc\.)")
+"""Matches an interpolation that is not an `oc.*` resolver (one that names another key)."""
+
+
+def _escape_env(node: Any) -> Any:
+    """`node` with every `${oc.env:...}` escaped, so that resolving it yields the reference."""
+    if isinstance(node, dict):
+        return {k: _escape_env(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_escape_env(v) for v in node]
+    if isinstance(node, str):
+        return _ENV.sub(lambda m: "\\" + m.group(0), node)
+    return node
+
+
+def _reference(raw: Any, shown: Any, key: str) -> str | None:
+    """What to record for a leaf instead of its value: None when it does not come from the
+    environment. `raw` is the leaf as written, `shown` as resolved with env references escaped."""
+    if isinstance(raw, str) and "${oc.env:" in raw and not _ONLY_OC.search(raw):
+        return raw  # self-contained: `${oc.env:X}`, `x-${oc.env:X}`, `${oc.decode:${oc.env:X}}`
+    if isinstance(shown, str) and _ENV.search(shown):
+        return shown  # another key's environment value, maybe inside a longer string
+    if isinstance(raw, str) and "${oc.env:" in raw:
+        raise RecipeError(key, "name the variable literally, e.g. ${oc.env:WANDB_ENTITY}: a name "
+                               "read from another key cannot be recorded without its value")
+    return None
+
+
+def _mark_env(value: Any, raw: Any, shown: Any, key: str) -> Any:
+    """`value` (resolved) with each leaf read from the environment marked with its reference."""
+    if isinstance(value, dict) and isinstance(raw, dict) and isinstance(shown, dict):
+        return {k: _mark_env(v, raw.get(k), shown.get(k), f"{key}.{k}" if key else str(k))
+                for k, v in value.items()}
+    if isinstance(value, list) and isinstance(raw, list) and isinstance(shown, list):
+        return [_mark_env(v, r, s, f"{key}[{i}]") for i, (v, r, s) in enumerate(zip(value, raw, shown))]
+    ref = _reference(raw, shown, key)
+    return value if ref is None else from_env(value, ref)
+
+
+def _to_data(cfg: DictConfig, path: str | Path) -> dict[str, Any]:
+    """`cfg` resolved, with the values read from the environment marked (see `FromEnv`)."""
+    try:
+        value = OmegaConf.to_container(cfg, resolve=True)
+        raw = OmegaConf.to_container(cfg, resolve=False)
+        shown = OmegaConf.to_container(OmegaConf.create(_escape_env(raw)), resolve=True)
+    except OmegaConfBaseException as e:
+        raise UserError(f"{path}: cannot resolve interpolation: {_env_hint(e)}") from None
+    try:
+        return _mark_env(value, raw, shown, "")  # type: ignore[return-value]
+    except RecipeError as e:
+        raise e.with_source(str(path)) from None
+
+
+def _env_hint(e: OmegaConfBaseException) -> str:
+    first = str(e).splitlines()[0]
+    m = re.search(r"Environment variable '([^']+)' not found", first)
+    if not m:
+        return first
+    where = f" (read by {e.full_key})" if getattr(e, "full_key", None) else ""
+    return (f"environment variable {m.group(1)} is not set{where}: export it; a run directory records "
+            f"${{oc.env:{m.group(1)}}}, not its value, so a resume needs it set too")
+
+
 def resolve_traced(path: str | Path, overrides: Sequence[str] = ()) -> tuple[dict[str, Any], Origins]:
-    """The fully merged recipe as plain data, and where each of its values was set."""
+    """The fully merged recipe as plain data, and where each of its values was set. Values read
+    through `${oc.env:...}` are marked with their reference (see `FromEnv`)."""
     origins: Origins = {}
     cfg = _apply_overrides(_load_tree(Path(path), origins, str(path)), overrides, origins)
-    try:
-        return OmegaConf.to_container(cfg, resolve=True), origins  # type: ignore[return-value]
-    except OmegaConfBaseException as e:
-        raise UserError(f"{path}: cannot resolve interpolation: {str(e).splitlines()[0]}") from None
+    return _to_data(cfg, path), origins
 
 
 def resolve(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
@@ -172,11 +235,27 @@ def origin_of(key: str, origins: Origins) -> str | None:
     return below.pop() if len(below) == 1 else None
 
 
+def _resolve_references(node: Any, key: str) -> Any:
+    """`node` with each `${oc.env:...}` reference (what `to_dict` writes) resolved from this
+    machine's environment and marked, so that it is written back as the reference again."""
+    if isinstance(node, dict):
+        return {k: _resolve_references(v, f"{key}.{k}" if key else str(k)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_resolve_references(v, f"{key}[{i}]") for i, v in enumerate(node)]
+    if not isinstance(node, str) or isinstance(node, FromEnv) or not _ENV.search(node):
+        return node
+    try:
+        value = OmegaConf.to_container(OmegaConf.create({"v": node}), resolve=True)["v"]  # type: ignore[index]
+    except OmegaConfBaseException as e:
+        raise RecipeError(key, f"cannot resolve {node}: {_env_hint(e)}") from None
+    return from_env(value, node)
+
+
 def from_dict(data: dict[str, Any], source: str | None = None, origins: Origins | None = None) -> Recipe:
     """Validate plain data into a Recipe; errors name the key, `source`, and where the value
     was set when `origins` (from `resolve_traced`) says it was elsewhere."""
     try:
-        recipe = build(Recipe, data)
+        recipe = build(Recipe, _resolve_references(data, ""))
         check_combinations(recipe)
     except RecipeError as e:
         if not source:
@@ -191,10 +270,17 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     return from_dict(data, source=str(path), origins=origins)
 
 
-def to_dict(recipe: Recipe) -> dict[str, Any]:
-    """The recipe as plain data with every default filled in (what `recipe.yaml` records)."""
-    return dataclasses.asdict(recipe)
+def to_dict(recipe: Recipe, *, resolve: bool = False) -> dict[str, Any]:
+    """The recipe as plain data with every default filled in (what `recipe.yaml` records).
+
+    A value read from the environment appears as its reference, `${oc.env:NAME}`, never as the
+    value: this is what is written to disk, logged, sent to W&B and shipped to Ray workers, which
+    resolve it again from their own environment (`from_dict`). `resolve=True` gives the values,
+    for the user's own terminal only."""
+    data = dataclasses.asdict(recipe)
+    return redact(data, keep_values=resolve)
 
 
-def to_yaml(recipe: Recipe) -> str:
-    return OmegaConf.to_yaml(OmegaConf.create(to_dict(recipe)))
+def to_yaml(recipe: Recipe, *, resolve: bool = False) -> str:
+    """`to_dict` as YAML: what `recipe.yaml` holds."""
+    return OmegaConf.to_yaml(OmegaConf.create(to_dict(recipe, resolve=resolve)))
