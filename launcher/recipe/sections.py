@@ -41,7 +41,8 @@ class ModelConfig:
     """Recompute activations in the backward pass: less memory, about a third more compute."""
 
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    """Attention kernel. `sdpa` and `flash_attention_2` keep packed documents apart (see docs)."""
+    """Attention kernel. `sdpa` and `flash_attention_2` keep packed documents apart (see docs);
+    `flash_attention_2` with packing only with `train.micro_batch_size: 1` (others are refused)."""
 
     trust_remote_code: bool = False
     """Allow model code shipped with a hub checkpoint to run. Only for sources you trust."""
