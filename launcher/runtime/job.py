@@ -49,7 +49,8 @@ def set_aside(run_dir: Path) -> Path:
 
 
 def prepare_run_dir(run_dir: Path, recipe: Recipe) -> None:
-    """Create the run directory and record the fully resolved recipe (the latest one on resume)."""
+    """Create the run directory and record the fully resolved recipe (the latest one on resume);
+    values read through `${oc.env:...}` are recorded as that reference, never as the value."""
     check_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / RECIPE_FILE).write_text(to_yaml(recipe))

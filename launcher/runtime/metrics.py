@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from launcher.recipe.convert import redact
 from launcher.recipe.sections import LoggingConfig
 
 METRICS_FILE = "metrics.jsonl"
@@ -31,7 +32,7 @@ class MetricsWriter:
                 entity=cfg.wandb_entity,
                 name=run_name,
                 dir=str(run_dir),
-                config=recipe,
+                config=redact(recipe),  # `${oc.env:...}` references, never the values
                 resume="allow",
                 id=os.environ.get("LAUNCHER_RUN_ID") or run_name,
             )
