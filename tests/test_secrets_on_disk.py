@@ -19,7 +19,7 @@ from conftest import ROOT, tiny_recipe_dict
 from launcher.checkpoint.state import fingerprint
 from launcher.cli.app import app
 from launcher.errors import RecipeError, UserError
-from launcher.recipe import from_dict, load_recipe, to_dict, to_yaml
+from launcher.recipe import env_variables, from_dict, load_recipe, to_dict, to_yaml
 from test_skypilot_submit import SPOT, sky  # noqa: F401  (fixture)
 from test_slurm_submit import PROFILE, slurm  # noqa: F401  (fixture)
 
@@ -56,6 +56,7 @@ def test_value_in_memory_reference_in_every_written_form(tmp_path, token):
     # what the driver ships to the workers resolves there again, and is written back the same way
     again = from_dict(to_dict(recipe))
     assert again.logging.wandb_entity == token and to_dict(again) == to_dict(recipe)
+    assert env_variables(recipe) == [VAR]  # what every node that loads it needs set
     # --resolve (for the user's own terminal) shows the value
     assert to_dict(recipe, resolve=True)["logging"]["wandb_entity"] == token
 
@@ -92,15 +93,18 @@ def test_recipes_show_prints_the_reference(tmp_path, token):
 
 def test_slurm_job_files_hold_the_reference(slurm, tmp_path, token):  # noqa: F811
     path = _write(tmp_path / "r.yaml", name="tiny", resources={"cpu_workers": 2})
-    res = runner.invoke(app, ["submit", str(path), "--cluster", str(PROFILE), "--run-dir", str(tmp_path / "run")])
+    run_dir = str(tmp_path / "run")
+    res = runner.invoke(app, ["submit", str(path), "--cluster", str(PROFILE), "--run-dir", run_dir])
     assert res.exit_code == 0, res.output
     assert REF in (tmp_path / "run" / "slurm" / "recipe.yaml").read_text()
     _assert_nowhere(token, tmp_path / "run", tmp_path / "state")
 
 
 def test_skypilot_job_files_hold_the_reference(sky, tmp_path, token):  # noqa: F811
-    path = _write(tmp_path / "r.yaml", name="tiny", resources={"nodes": 2, "gpus_per_node": 8, "gpu": "H100-80GB"})
-    res = runner.invoke(app, ["submit", str(path), "--cluster", str(SPOT), "--run-dir", str(tmp_path / "run")])
+    gpus = {"nodes": 2, "gpus_per_node": 8, "gpu": "H100-80GB"}
+    path = _write(tmp_path / "r.yaml", name="tiny", resources=gpus)
+    run_dir = str(tmp_path / "run")
+    res = runner.invoke(app, ["submit", str(path), "--cluster", str(SPOT), "--run-dir", run_dir])
     assert res.exit_code == 0, res.output
     assert REF in (tmp_path / "run" / "skypilot" / "recipe.yaml").read_text()
     _assert_nowhere(token, tmp_path / "run", tmp_path / "state")
@@ -140,12 +144,12 @@ def test_a_run_writes_the_secret_nowhere(tmp_path):
     path.write_text(yaml.safe_dump(d))
     ray_tmp = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))  # short: Ray's socket paths have a limit
     state = Path(os.environ["LAUNCHER_STATE_DIR"])
-    env = {**os.environ, VAR: TOKEN, "RAY_TMPDIR": str(ray_tmp),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path / "fake"), os.environ.get("PYTHONPATH")]))}
+    python_path = os.pathsep.join(filter(None, [str(tmp_path / "fake"), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, VAR: TOKEN, "RAY_TMPDIR": str(ray_tmp), "PYTHONPATH": python_path}
     run_dir = tmp_path / "run"
     try:
-        res = subprocess.run([sys.executable, "-m", "launcher", "run", str(path), "--run-dir", str(run_dir)],
-                             capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+        cmd = [sys.executable, "-m", "launcher", "run", str(path), "--run-dir", str(run_dir)]
+        res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
         assert res.returncode == 0, res.stdout + res.stderr
         assert TOKEN not in res.stdout + res.stderr
         cfg = json.loads((run_dir / "fake-wandb-config.json").read_text())

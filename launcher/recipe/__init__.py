@@ -1,6 +1,6 @@
 """Recipes: YAML files through OmegaConf into typed, validated dataclasses."""
 
-from launcher.recipe.load import from_dict, load_recipe, resolve, to_dict, to_yaml
+from launcher.recipe.load import env_variables, from_dict, load_recipe, resolve, to_dict, to_yaml
 from launcher.recipe.sections import (
     CheckpointConfig,
     DataConfig,
@@ -27,6 +27,7 @@ __all__ = [
     "SyntheticDataConfig",
     "TokenizerConfig",
     "TrainConfig",
+    "env_variables",
     "from_dict",
     "load_recipe",
     "resolve",

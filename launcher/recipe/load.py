@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import dataclasses
 import re
 from pathlib import Path
@@ -245,7 +246,7 @@ def _resolve_references(node: Any, key: str) -> Any:
     if not isinstance(node, str) or isinstance(node, FromEnv) or not _ENV.search(node):
         return node
     try:
-        value = OmegaConf.to_container(OmegaConf.create({"v": node}), resolve=True)["v"]  # type: ignore[index]
+        value = OmegaConf.create({"v": node}).v
     except OmegaConfBaseException as e:
         raise RecipeError(key, f"cannot resolve {node}: {_env_hint(e)}") from None
     return from_env(value, node)
@@ -279,6 +280,13 @@ def to_dict(recipe: Recipe, *, resolve: bool = False) -> dict[str, Any]:
     for the user's own terminal only."""
     data = dataclasses.asdict(recipe)
     return redact(data, keep_values=resolve)
+
+
+def env_variables(recipe: Recipe) -> list[str]:
+    """The environment variables the recipe reads (`${oc.env:NAME}`), which every node that
+    loads it needs set: a backend can pass them on (e.g. as SkyPilot secrets)."""
+    text = json.dumps(to_dict(recipe))
+    return sorted(set(re.findall(r"\$\{oc\.env:([^,}$]+)", text)))
 
 
 def to_yaml(recipe: Recipe, *, resolve: bool = False) -> str:
