@@ -90,7 +90,8 @@ def resolve_local_paths(recipe: Any) -> None:
         path = local_path(name)
         if not path.is_dir():
             raise RecipeError(key, _no_such_directory(name, path))
-        section.name_or_path = str(path)
+        if str(path) != name:  # an absolute path stays as it is: it may carry an ${oc.env:...} mark
+            section.name_or_path = str(path)
 
 
 def _no_such_directory(name: str, path: Path) -> str:

@@ -57,7 +57,6 @@ def test_an_empty_id_file_is_replaced(tmp_path):
     assert got and wandb_run_id(tmp_path, env={}) == got
 
 
-@pytest.mark.xfail(strict=True, reason="until launcher/runtime/metrics.py passes id=wandb_run_id(run_dir)")
 def test_metrics_writer_gives_wandb_the_run_directory_id(tmp_path, monkeypatch):
     """Two local runs of one recipe (same run_name, no LAUNCHER_RUN_ID) reach W&B as two runs."""
     from launcher.recipe.sections import LoggingConfig

@@ -89,6 +89,8 @@ def test_recipes_show_prints_the_reference(tmp_path, token):
         res = runner.invoke(app, ["recipes", "show", str(path), *extra])
         assert res.exit_code == 0, res.output
         assert REF in res.output and token not in res.output
+    res = runner.invoke(app, ["recipes", "show", str(path), "--resolve"])  # asked for: the user's own terminal
+    assert res.exit_code == 0 and token in res.stdout and REF not in res.stdout, res.output
 
 
 def test_slurm_job_files_hold_the_reference(slurm, tmp_path, token):  # noqa: F811
@@ -108,6 +110,19 @@ def test_skypilot_job_files_hold_the_reference(sky, tmp_path, token):  # noqa: F
     assert res.exit_code == 0, res.output
     assert REF in (tmp_path / "run" / "skypilot" / "recipe.yaml").read_text()
     _assert_nowhere(token, tmp_path / "run", tmp_path / "state")
+
+
+def test_skypilot_passes_the_recipes_variables_as_secrets(tmp_path, token):
+    """A node resolves ${oc.env:VAR} from its own environment: the task must carry VAR, as a
+    secret (a name in the task file, the value only at launch)."""
+    from launcher.backends.profile import load_profile
+    from launcher.backends.skypilot.launch import plan
+
+    gpus = {"nodes": 1, "gpus_per_node": 8, "gpu": "H100-80GB"}
+    recipe = load_recipe(_write(tmp_path / "r.yaml", name="tiny", resources=gpus))
+    sub = plan(recipe, load_profile(SPOT), run_dir=tmp_path / "run", environ={VAR: token, "HF_TOKEN": "x"})
+    assert VAR in sub.task.secret_names and "HF_TOKEN" in sub.task.secret_names
+    assert token not in sub.task.yaml
 
 
 def _assert_nowhere(token: str, *roots: Path) -> None:

@@ -52,15 +52,22 @@ def recipes_show(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)],
     overrides: Overrides = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of YAML.")] = False,
+    resolve: Annotated[
+        bool, typer.Option("--resolve", help="Show values read from the environment instead of ${oc.env:...}.")
+    ] = False,
 ) -> None:
     """Print the fully resolved recipe (defaults, inheritance and overrides applied).
+
+    Values read from the environment are shown as their ${oc.env:NAME} references (they may be
+    secrets); --resolve shows the values.
 
     Example: launcher recipes show recipes/examples/tiny-sft.yaml train.lr=1e-3
     """
     from launcher.recipe import load_recipe, to_dict, to_yaml
 
     r = load_recipe(recipe, overrides or [])
-    print(json.dumps(to_dict(r), indent=2) if as_json else to_yaml(r), end="" if not as_json else "\n")
+    text = json.dumps(to_dict(r, resolve=resolve), indent=2) if as_json else to_yaml(r, resolve=resolve)
+    print(text, end="" if not as_json else "\n")
 
 
 def recipes_docs(

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from launcher.recipe.convert import redact
 from launcher.recipe.sections import LoggingConfig
+from launcher.runtime.run_identity import wandb_run_id
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -34,7 +34,7 @@ class MetricsWriter:
                 dir=str(run_dir),
                 config=redact(recipe),  # `${oc.env:...}` references, never the values
                 resume="allow",
-                id=os.environ.get("LAUNCHER_RUN_ID") or run_name,
+                id=wandb_run_id(run_dir),  # one per run directory, the same on every resume
             )
 
     def log(self, record: dict[str, Any]) -> None:

@@ -30,7 +30,7 @@ from launcher.backends.skypilot.render import (
     render_task,
 )
 from launcher.errors import UserError
-from launcher.recipe.load import to_yaml
+from launcher.recipe.load import env_variables, to_yaml
 from launcher.recipe.sections import Recipe
 from launcher.runs.registry import TERMINAL, Registry, RunRecord, new_run_id
 
@@ -103,7 +103,8 @@ def plan(
     env = os.environ if environ is None else environ
     local = Path(run_dir) if run_dir else Path(DEFAULT_LOCAL_ROOT) / run_id
     local = local.absolute()
-    names = [n for n in profile.secrets if env.get(n)]
+    # The recipe's own ${oc.env:...} variables travel as secrets too: each node resolves them.
+    names = [n for n in dict.fromkeys([*profile.secrets, *env_variables(recipe)]) if env.get(n)]
     task = render_task(
         recipe, profile, run_id=run_id, workdir=str(Path(workdir or os.getcwd()).absolute()),
         recipe_file=str(local / SKY_SUBDIR / RECIPE_FILE), secret_names=names,
