@@ -166,7 +166,6 @@ def run_on_ray(
     tokenizer: Any,
     data: Any,
     ray_address: str | None = None,
-    resume: bool = True,
     phase: Callable[[str], None] | None = None,
 ) -> None:
     """Run the recipe's workers on Ray; returns when training has finished or stopped on every
@@ -197,7 +196,11 @@ def run_on_ray(
                     "run_dir": str(run_dir.resolve()),
                     "data_ref": ray.put(data),
                     "tokenizer_ref": ray.put(tokenizer),
-                    "resume": resume,
+                    # Always the run's own commits: `--no-resume` already moved an earlier run
+                    # aside (run_job), so the first start finds none, and a worker group that
+                    # Ray Train restarts after a crash resumes instead of starting over at step 0
+                    # and wiping the metrics.
+                    "resume": True,
                 })
                 say(f"starting {plan.num_workers} worker{'s' if plan.num_workers != 1 else ''}")
                 _fit_guarded(trainer, run_dir)

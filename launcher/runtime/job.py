@@ -140,7 +140,7 @@ def run_job(
     (run_dir / PHASE_FILE).unlink(missing_ok=True)  # an earlier run's
     (run_dir / "data_stats.json").write_text(json.dumps(data.stats, indent=2) + "\n")
     with progress(run_dir) if progress else nullcontext() as display:
-        run_on_ray(recipe, run_dir, tokenizer=tokenizer, data=data, ray_address=ray_address, resume=resume,
+        run_on_ray(recipe, run_dir, tokenizer=tokenizer, data=data, ray_address=ray_address,
                    phase=getattr(display, "phase", None) or say)
     stopped = run_dir / preempt.PREEMPTED_FILE
     if stopped.exists():
