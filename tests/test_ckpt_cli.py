@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from conftest import tiny_recipe_dict
 from launcher.checkpoint.layout import checkpoints_dir, step_tag
 from launcher.checkpoint.manifest import file_digest, write_manifest
+from launcher.checkpoint.state import fingerprint
 from launcher.cli import app
 from launcher.errors import UserError
 from launcher.recipe import from_dict, to_yaml
@@ -34,7 +35,8 @@ def fake_run(run_dir: Path, *, checkpoints: list[int], last: int, finished: bool
         step_dir = checkpoints_dir(run_dir) / step_tag(step)
         step_dir.mkdir(parents=True)
         (step_dir / "rank-00000.json").write_text(json.dumps({"step": step}))
-        write_manifest(step_dir, {"rank-00000.json": file_digest(step_dir / "rank-00000.json")}, {})
+        write_manifest(step_dir, {"rank-00000.json": file_digest(step_dir / "rank-00000.json")},
+                       {"fingerprint": fingerprint(recipe)})
         (checkpoints_dir(run_dir) / "latest").write_text(step_tag(step))
     return run_dir
 
@@ -142,3 +144,10 @@ def test_list_shows_whole_paths_in_a_narrow_terminal(tmp_path, monkeypatch):
     assert "…" not in res.output
     assert f"checkpoints/{step_tag(4)}" in res.output
     assert str(run_dir) in res.output.replace("\n", "")
+
+
+def test_resume_of_a_finished_run_still_refuses_a_breaking_change(tmp_path, no_training):
+    run_dir = fake_run(tmp_path / "run", checkpoints=[5], last=5, finished=True)
+    res = runner.invoke(app, ["resume", str(run_dir), "data.max_seq_len=32"])
+    assert res.exit_code == 2 and not no_training
+    assert "data.max_seq_len: 64 -> 32" in str(res.exception)

@@ -20,15 +20,11 @@ def layout_of(recipe: Recipe) -> dict[str, Any]:
     return layout(recipe, ray_plan(recipe).num_workers)
 
 
-def check_resume(run_dir: Path, recipe: Recipe) -> StepDir | None:
-    """The checkpoint training will resume from, after checking it; None if there is none."""
-    from launcher.checkpoint.reshard import reshard_problem
+def check_same_recipe(step: StepDir, manifest: dict, recipe: Recipe) -> None:
+    """Refuse a recipe that would train another model or data than the checkpoint's (its
+    manifest's fingerprint): reads the manifest only."""
     from launcher.checkpoint.state import fingerprint, fingerprint_diff
 
-    step = latest_committed(run_dir)
-    if step is None:
-        return None
-    manifest = read_manifest(step.path)
     diff = fingerprint_diff(manifest.get("fingerprint", {}), fingerprint(recipe))
     if diff:
         raise UserError(
@@ -36,6 +32,16 @@ def check_resume(run_dir: Path, recipe: Recipe) -> StepDir | None:
             + "\n  ".join(diff)
             + "\nrevert these keys, or start over with --no-resume (the old run is kept aside)"
         )
+
+
+def check_resume(run_dir: Path, recipe: Recipe) -> StepDir | None:
+    """The checkpoint training will resume from, after checking it; None if there is none."""
+    from launcher.checkpoint.reshard import reshard_problem
+    step = latest_committed(run_dir)
+    if step is None:
+        return None
+    manifest = read_manifest(step.path)
+    check_same_recipe(step, manifest, recipe)
     layout = layout_of(recipe)
     problem = reshard_problem(manifest, layout)
     if problem:

@@ -87,6 +87,12 @@ def resume(
     _need_run_dir(run_dir)
     recipe = load_recipe(run_dir / "recipe.yaml", overrides or [])
     latest = latest_committed(run_dir)
+    if latest is not None:
+        from launcher.checkpoint.manifest import read_manifest
+        from launcher.checkpoint.preflight import check_same_recipe
+
+        # a breaking override is refused, finished run or not (the manifest only: no data read)
+        check_same_recipe(latest, read_manifest(latest.path), recipe)
     # more epochs: the new end is known only once the data is built, so the run goes on
     more_epochs = any(o.removeprefix("+").startswith("train.epochs=") for o in overrides or [])
     newest = latest.step if latest else None
