@@ -30,6 +30,11 @@ class FromEnv:
     def __reduce__(self) -> tuple:
         return (type(self), (_BASES[type(self)](self), self.reference))
 
+    def __new__(cls, value: Any, reference: str) -> "FromEnv":
+        obj = _BASES[cls].__new__(cls, value)  # the one constructor of EnvStr, EnvInt, EnvFloat
+        obj.reference = reference
+        return obj
+
     def __copy__(self) -> "FromEnv":
         return self  # immutable, like the value it wraps
 
@@ -38,24 +43,15 @@ class FromEnv:
 
 
 class EnvStr(FromEnv, str):
-    def __new__(cls, value: str, reference: str) -> "EnvStr":
-        obj = str.__new__(cls, value)
-        obj.reference = reference
-        return obj
+    pass
 
 
 class EnvInt(FromEnv, int):
-    def __new__(cls, value: int, reference: str) -> "EnvInt":
-        obj = int.__new__(cls, value)
-        obj.reference = reference
-        return obj
+    pass
 
 
 class EnvFloat(FromEnv, float):
-    def __new__(cls, value: float, reference: str) -> "EnvFloat":
-        obj = float.__new__(cls, value)
-        obj.reference = reference
-        return obj
+    pass
 
 
 _BASES: dict[type, type] = {EnvStr: str, EnvInt: int, EnvFloat: float}
