@@ -100,18 +100,69 @@ class SyntheticDataConfig:
         _require(self.num_examples >= 1, "data.synthetic.num_examples", "must be at least 1")
 
 
+SampleBy = Literal["line", "paragraph", "document"]
+
+
+@dataclass(kw_only=True, slots=True)
+class DataSourceConfig:
+    """One entry of `data.sources`: a data set, its format and its share of the mixture."""
+
+    path: list[str] = field(default_factory=list)
+    """Local files (`.json`, `.jsonl`, `.txt`, `.parquet`, `.arrow`), like `data.path`."""
+
+    hub: str | None = None
+    """A Hugging Face hub dataset id, like `data.hub`."""
+
+    hub_config: str | None = None
+    """Configuration (subset) name of the hub dataset."""
+
+    hub_revision: str | None = None
+    """Branch, tag or commit of the hub dataset (a commit makes the prepared data reproducible)."""
+
+    split: str = "train"
+    """Split of the hub dataset."""
+
+    streaming: bool = False
+    """Stream the hub dataset instead of downloading it whole into the `datasets` cache."""
+
+    synthetic: SyntheticDataConfig | None = None
+    """Generated rows instead of files or the hub."""
+
+    format: Literal["alpaca", "sharegpt", "chat", "text"] | None = None
+    """Row format of this source (default: `data.format`)."""
+
+    sample_by: SampleBy | None = None
+    """Text sources: what one document is (default: `data.sample_by`)."""
+
+    weight: float | None = None
+    """Sampling proportion: this source's share of the mixture's examples (weights are
+    normalised; a source is repeated or subsampled to reach its share). Set this or `epochs`."""
+
+    epochs: float | None = None
+    """Passes over this source per mixture epoch, instead of `weight` (e.g. 2: every example twice)."""
+
+    columns: dict[str, str] = field(default_factory=dict)
+    """Field mapping, format field -> this source's column, e.g. `{instruction: question,
+    output: answer}` (alpaca) or `{conversations: dialog}` (sharegpt)."""
+
+    roles: dict[str, str] = field(default_factory=dict)
+    """Speaker mapping, this source's role name -> a known one (`human`, `gpt`, `system`,
+    `function_call`, `observation`, `user`, `assistant`, `tool`), e.g. `{USER: human, BOT: gpt}`."""
+
+
 @dataclass(kw_only=True, slots=True)
 class DataConfig:
     """Where the training data comes from and how it becomes token sequences."""
 
     format: Literal["alpaca", "sharegpt", "chat", "text"] = "alpaca"
     """Row format. `alpaca`: instruction/input/output; `sharegpt`: `conversations` of
-    `{from, value}`; `chat`: `messages` of `{role, content}` through the tokenizer's chat template;
-    `text`: a `text` field (jsonl/parquet) or plain lines of a `.txt` file, for pretraining."""
+    `{from, value}` (also `function_call`/`observation` turns and a `tools` column); `chat`:
+    `messages` of `{role, content}` (also `tool_calls` and `role: tool`) through the tokenizer's
+    chat template; `text`: a `text` field (jsonl/parquet) or a `.txt` file, for pretraining."""
 
     path: list[str] = field(default_factory=list)
-    """One or several local files (`.json`, `.jsonl`, `.txt`, `.parquet`). Relative paths are
-    resolved against the directory the command runs in."""
+    """One or several local files (`.json`, `.jsonl`, `.txt`, `.parquet`, `.arrow`). Relative
+    paths are resolved against the directory the command runs in."""
 
     hub: str | None = None
     """A Hugging Face hub dataset id, instead of `path` (needs network access)."""
@@ -119,8 +170,33 @@ class DataConfig:
     hub_split: str = "train"
     """Split of the hub dataset to read."""
 
+    hub_config: str | None = None
+    """Configuration (subset) name of the hub dataset."""
+
+    hub_revision: str | None = None
+    """Branch, tag or commit of the hub dataset (a commit makes the prepared data reproducible)."""
+
+    streaming: bool = False
+    """Stream the hub dataset while preparing, for corpora larger than the local disk cache."""
+
     synthetic: SyntheticDataConfig | None = None
     """Generate the data instead of reading it (see the `data.synthetic` section)."""
+
+    sources: list[DataSourceConfig] = field(default_factory=list)
+    """A mixture of several data sets, instead of `path`/`hub`/`synthetic`: each entry has its
+    own files or hub id, format, field mapping and `weight` or `epochs` (see docs/data.md)."""
+
+    sample_by: SampleBy = "paragraph"
+    """Text: what one document of a `.txt` file is. `line`: every line (a corpus of one article
+    per line); `paragraph`: blank-line separated blocks; `document`: the whole file."""
+
+    cache_dir: str | None = None
+    """Where prepared (tokenized, memory-mapped) data sets are kept, one per fingerprint. Default
+    `$XDG_CACHE_HOME/launcher/data` (`~/.cache/launcher/data`); on Slurm and SkyPilot use a path
+    every node sees."""
+
+    num_proc: int = 0
+    """Processes that tokenize while preparing (0: every core of this machine)."""
 
     max_seq_len: int = 2048
     """Sequence length in tokens. Longer examples are truncated (SFT) or split (pretraining)."""
@@ -138,21 +214,26 @@ class DataConfig:
     nothing when the input is empty) are filled in; the output follows it."""
 
     eval_fraction: float = 0.0
-    """Fraction of rows held out for evaluation (0 disables unless `eval_path` is set)."""
+    """Fraction of rows held out for evaluation (0 disables unless `eval_path` is set). Text with
+    too few documents to hold out whole ones is held out by sequences."""
 
     eval_path: list[str] = field(default_factory=list)
     """Separate evaluation files, in the same format (instead of `eval_fraction`)."""
 
     skip_malformed: bool = False
-    """Skip rows that do not fit the format (and count them) instead of stopping with an error."""
+    """Skip rows that do not fit the format (and count them, per reason) instead of stopping
+    with an error."""
 
     shuffle: bool = True
     """Shuffle the training examples each epoch (seeded by `train.seed`)."""
 
     def __post_init__(self) -> None:
-        sources = sum([bool(self.path), bool(self.hub), self.synthetic is not None])
-        _require(sources == 1, "data", "set exactly one of data.path, data.hub, data.synthetic")
+        sources = sum([bool(self.path), bool(self.hub), self.synthetic is not None, bool(self.sources)])
+        _require(
+            sources == 1, "data", "set exactly one of data.path, data.hub, data.synthetic, data.sources"
+        )
         _require(self.max_seq_len >= 8, "data.max_seq_len", "must be at least 8")
+        _require(self.num_proc >= 0, "data.num_proc", "must be 0 (every core) or more")
         _require(
             0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1), e.g. 0.05"
         )
@@ -161,6 +242,17 @@ class DataConfig:
             "data.eval_fraction",
             "set data.eval_fraction or data.eval_path, not both",
         )
+        for i, s in enumerate(self.sources):
+            key = f"data.sources[{i}]"
+            where = sum([bool(s.path), bool(s.hub), s.synthetic is not None])
+            _require(where == 1, key, "set exactly one of path, hub, synthetic")
+            _require(
+                (s.weight is None) != (s.epochs is None), f"{key}.weight", "set exactly one of weight and epochs"
+            )
+            _require(s.weight is None or s.weight > 0, f"{key}.weight", "must be positive, e.g. 0.3")
+            _require(s.epochs is None or s.epochs > 0, f"{key}.epochs", "must be positive, e.g. 1")
+            _require(not (s.hub is None and s.streaming), f"{key}.streaming", "only hub sources stream")
+        _require(not (self.hub is None and self.streaming), "data.streaming", "only data.hub streams")
 
 
 @dataclass(kw_only=True, slots=True)
