@@ -1,0 +1,70 @@
+"""Model, DeepSpeed engine and step strategy for a recipe's layout."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from launcher.recipe.sections import Recipe
+from launcher.runtime.ds_config import build_ds_config
+from launcher.runtime.model import build_model, param_groups
+from launcher.runtime.schedule import lr_multiplier
+from launcher.runtime.trainer.distributed import WorkerContext
+from launcher.runtime.trainer.objective import Objective
+from launcher.runtime.trainer.steps import DataParallelStep, PipelineStep
+
+
+@dataclass
+class Built:
+    engine: Any
+    scheduler: Any
+    strategy: DataParallelStep | PipelineStep
+    hf_ds_config: Any
+    """transformers' weak global that makes ZeRO-3 models build inside zero.Init: held for the
+    run's lifetime, dropped before the end-of-run export."""
+
+
+def _module(recipe: Recipe, tokenizer: Any) -> torch.nn.Module:
+    stages = recipe.parallelism.pipeline_stages
+    seed = recipe.train.seed
+    if stages == 1:
+        return build_model(recipe.model, tokenizer, seed=seed)
+    from launcher.runtime.pipeline import build_pipeline_module
+
+    # the pipeline checkpoints whole decoder layers itself (activation_checkpoint_interval)
+    hf_model = build_model(replace(recipe.model, gradient_checkpointing=False), tokenizer, seed=seed)
+    module = build_pipeline_module(
+        hf_model, stages=stages, partition=recipe.parallelism.pipeline_partition,
+        activation_checkpointing=recipe.model.gradient_checkpointing)
+    del hf_model  # this stage's layers live on in `module`; the others are freed
+    return module
+
+
+def build(recipe: Recipe, ctx: WorkerContext, tokenizer: Any, objective: Objective, *, steps: int) -> Built:
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    t = recipe.train
+    stages = recipe.parallelism.pipeline_stages
+    data_parallel = ctx.world_size // stages
+    ds_config = build_ds_config(recipe, data_parallel=data_parallel, on_gpu=ctx.on_gpu)
+    hf_ds = HfDeepSpeedConfig(ds_config) if recipe.parallelism.zero_stage == 3 else None
+    model = _module(recipe, tokenizer)
+    multiplier = lr_multiplier(t.schedule, warmup_steps=t.warmup_steps, total_steps=steps, min_ratio=t.min_lr_ratio)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, t.weight_decay),
+        config=ds_config,
+        # DeepSpeed steps it only when it applies an optimizer step: the schedule follows the
+        # steps applied, an fp16 overflow step does not advance it
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, multiplier),
+    )
+    if stages > 1:
+        dp_rank = ctx.rank % data_parallel
+        assert engine.grid.data_parallel_id == dp_rank and engine.grid.data_parallel_size == data_parallel
+        strategy: DataParallelStep | PipelineStep = PipelineStep(engine, objective, ctx, recipe)
+    else:
+        strategy = DataParallelStep(engine, objective, ctx, recipe)
+    return Built(engine, scheduler, strategy, hf_ds)
