@@ -187,6 +187,9 @@ def build(cls: type, data: Any, prefix: str = "") -> Any:
         data = {}
     if not isinstance(data, dict):
         raise RecipeError(where, f"expected a mapping of keys, got {data!r}")
+    upgrade = getattr(cls, "upgrade_legacy", None)  # a section that still reads an old key's spelling
+    if upgrade is not None:
+        data = upgrade(data, prefix or where)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for k in data:

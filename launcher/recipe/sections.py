@@ -7,13 +7,14 @@ its `__post_init__`; checks that span sections live in `launcher.recipe.checks`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any, Literal
 
 from launcher.errors import RecipeError
 
 Dtype = Literal["bf16", "fp16", "fp32"]
 Offload = Literal["none", "cpu", "nvme"]
+Recompute = Literal["none", "selective", "full"]
 
 
 def _require(cond: bool, key: str, message: str) -> None:
@@ -37,8 +38,17 @@ class ModelConfig:
     dtype: Dtype = "bf16"
     """Training precision: `bf16`, `fp16` (with dynamic loss scaling) or `fp32`. CPU runs use fp32."""
 
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: less memory, about a third more compute."""
+    activation_checkpointing: Recompute = "none"
+    """Activations recomputed in the backward pass instead of kept. `none`: keep everything.
+    `selective`: keep the matmul outputs, recompute attention (softmax, dropout) and the elementwise
+    operations (norms, activations), as in Korthikanti et al. 2022: most of the saving for a few
+    percent more compute. `full`: keep only each decoder layer's input and recompute the layer: least
+    memory, about a third more compute. Replaces `gradient_checkpointing` (`true` is `full`)."""
+
+    gradient_checkpointing: InitVar[bool | None] = None
+    # Not a recipe field: the old boolean spelling, read as `model.activation_checkpointing` (see
+    # `upgrade_legacy` for recipe files). Kept in the constructor so that
+    # `replace(model, gradient_checkpointing=False)` still means "none"; reading it is a property.
 
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """Attention kernel. `sdpa` and `flash_attention_2` keep packed documents apart (see docs);
@@ -47,7 +57,12 @@ class ModelConfig:
     trust_remote_code: bool = False
     """Allow model code shipped with a hub checkpoint to run. Only for sources you trust."""
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, gradient_checkpointing: bool | None) -> None:
+        # the legacy boolean only changes the mode when it disagrees with it (`replace()` passes the
+        # property's own value back, which keeps `selective`)
+        on = self.activation_checkpointing != "none"
+        if gradient_checkpointing is not None and gradient_checkpointing != on:
+            self.activation_checkpointing = "full" if gradient_checkpointing else "none"
         _require(
             bool(self.name_or_path) or bool(self.config),
             "model",
@@ -60,6 +75,35 @@ class ModelConfig:
                 "model.config.model_type",
                 "an inline architecture needs model_type, e.g. model.config.model_type=llama",
             )
+
+
+    @staticmethod
+    def upgrade_legacy(data: dict[str, Any], prefix: str) -> dict[str, Any]:
+        """`data` (the model section as written) with the boolean `gradient_checkpointing` read as
+        `activation_checkpointing` (true: full, false: none); both set and different is an error."""
+        if "gradient_checkpointing" not in data:
+            return data
+        data = dict(data)
+        old, key = data.pop("gradient_checkpointing"), f"{prefix}.gradient_checkpointing"
+        if old is None:
+            return data
+        _require(isinstance(old, bool), key, f"expected true or false, got {old!r} (deprecated: use "
+                 f"{prefix}.activation_checkpointing: none | selective | full)")
+        mode, new = ("full" if old else "none"), data.get("activation_checkpointing")
+        _require(new is None or new == mode, key,
+                 f"{str(old).lower()} conflicts with {prefix}.activation_checkpointing={new}: set only "
+                 f"{prefix}.activation_checkpointing (none | selective | full; true was full)")
+        data["activation_checkpointing"] = mode
+        return data
+
+
+def _legacy_gradient_checkpointing(self: ModelConfig) -> bool:
+    """The old boolean, read-only: True when any activation checkpointing is on."""
+    return self.activation_checkpointing != "none"
+
+
+# replaces the InitVar's class-level default (None), which only the constructor's signature needs
+ModelConfig.gradient_checkpointing = property(_legacy_gradient_checkpointing)  # type: ignore[assignment]
 
 
 @dataclass(kw_only=True, slots=True)

@@ -8,6 +8,7 @@ import torch
 
 from launcher.errors import RecipeError
 from launcher.recipe.sections import ModelConfig
+from launcher.runtime.recompute import apply_activation_checkpointing
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -59,8 +60,7 @@ def build_model(cfg: ModelConfig, tokenizer: Any, *, seed: int) -> torch.nn.Modu
         )
     else:
         model = AutoModelForCausalLM.from_config(config, **kwargs)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    apply_activation_checkpointing(model, cfg.activation_checkpointing)
     # Training never needs a KV cache, and with one transformers skips packed-sequence detection:
     # packed documents would attend to each other. Generation asks for the cache explicitly.
     model.config.use_cache = False

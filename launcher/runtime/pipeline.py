@@ -31,7 +31,6 @@ the same token-weighted loss as the non-pipeline path.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +38,7 @@ import torch
 from torch import nn
 
 from launcher.errors import UserError
+from launcher.runtime.recompute import apply_activation_checkpointing, checkpoint_function, resolve_mode
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
 FAMILIES = LLAMA_LIKE + ("gpt2",)
@@ -243,25 +243,33 @@ def causal_lm_loss(vocab_size: int) -> Any:
     return loss_fn
 
 
+def _checkpointing(mode: str | bool) -> dict[str, Any]:
+    """PipelineModule arguments that checkpoint every decoder layer in `mode` (see recompute.py)."""
+    mode = resolve_mode(mode)
+    if mode == "none":
+        return {}
+    return {
+        "activation_checkpoint_interval": 1,
+        "activation_checkpoint_func": checkpoint_function(mode),  # non-reentrant: integer ids in
+        "checkpointable_layers": [DecoderLayerPipe.__name__],
+    }
+
+
 def build_pipeline_module(
-    model: nn.Module, *, stages: int, partition: str = "parameters", activation_checkpointing: bool = False
+    model: nn.Module, *, stages: int, partition: str = "parameters", activation_checkpointing: str | bool = "none"
 ) -> Any:
     """Turn the Hugging Face `model` into a `PipelineModule` over `stages` stages (the
-    data-parallel size is the world size / stages). This rank keeps only its stage's layers."""
+    data-parallel size is the world size / stages). This rank keeps only its stage's layers.
+    `activation_checkpointing`: none, selective or full (a boolean: full or none)."""
     from deepspeed.pipe import PipelineModule
 
     config = model.config
     check_stages(config, stages)
+    # the pipeline checkpoints whole DecoderLayerPipes itself: the layers must not do it again
+    apply_activation_checkpointing(model, "none")
     source = _Source(model)
     method = {"parameters": "parameters", "layers": f"type:{DecoderLayerPipe.__name__}"}[partition]
-    ckpt_kwargs: dict[str, Any] = {}
-    if activation_checkpointing:
-        ckpt_kwargs = {
-            "activation_checkpoint_interval": 1,
-            # non-reentrant: the first stage's inputs are integer ids that cannot require grad
-            "activation_checkpoint_func": functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False),
-            "checkpointable_layers": [DecoderLayerPipe.__name__],
-        }
+    ckpt_kwargs = _checkpointing(activation_checkpointing)
     module = PipelineModule(
         layers=_specs(model, source),
         num_stages=stages,

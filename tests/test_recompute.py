@@ -1,0 +1,191 @@
+"""`model.activation_checkpointing: none | selective | full`: the recipe key (and the old boolean it
+replaces), and training with it: the same losses and weights as without, while the backward pass
+recomputes what the mode says (single process, tiny fp32 models, a few steps)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftest import tiny_recipe_dict
+from launcher.errors import RecipeError
+from launcher.recipe import from_dict
+from launcher.recipe.load import to_dict
+from launcher.runtime.recompute import apply_activation_checkpointing
+
+# --- the recipe key ------------------------------------------------------------------------------
+
+
+def _model_section(**model):
+    d = tiny_recipe_dict()
+    d["model"].update(model)
+    return from_dict(d).model
+
+
+def test_the_old_boolean_still_loads():
+    assert _model_section(gradient_checkpointing=True).activation_checkpointing == "full"
+    assert _model_section(gradient_checkpointing=False).activation_checkpointing == "none"
+    assert _model_section(gradient_checkpointing=True, activation_checkpointing="full").activation_checkpointing == "full"
+    assert _model_section().activation_checkpointing == "none"
+    m = _model_section(activation_checkpointing="selective")
+    assert m.gradient_checkpointing is True  # read-only view for old callers
+    with pytest.raises(AttributeError):
+        m.gradient_checkpointing = False  # type: ignore[misc]
+    # what the run directory records: only the new key
+    d = tiny_recipe_dict()
+    d["model"]["gradient_checkpointing"] = True
+    model = to_dict(from_dict(d))["model"]
+    assert model["activation_checkpointing"] == "full" and "gradient_checkpointing" not in model
+
+
+def test_both_keys_in_conflict_is_an_error_naming_both():
+    with pytest.raises(RecipeError) as e:
+        _model_section(gradient_checkpointing=False, activation_checkpointing="selective")
+    msg = str(e.value)
+    assert e.value.key == "model.gradient_checkpointing" and "model.activation_checkpointing=selective" in msg
+    with pytest.raises(RecipeError, match="model.gradient_checkpointing: expected true or false"):
+        _model_section(gradient_checkpointing="yes")
+    with pytest.raises(RecipeError, match="model.activation_checkpointing: must be one of 'none', 'selective'"):
+        _model_section(activation_checkpointing="partial")
+
+
+def test_replace_with_the_old_boolean_keeps_working():
+    """`replace(model, gradient_checkpointing=False)` (the training loop's spelling) turns it off;
+    any other replace keeps the mode, selective included."""
+    m = _model_section(activation_checkpointing="selective")
+    assert replace(m, gradient_checkpointing=False).activation_checkpointing == "none"
+    assert replace(m, dtype="fp32").activation_checkpointing == "selective"
+    assert replace(_model_section(), gradient_checkpointing=True).activation_checkpointing == "full"
+
+
+def test_shipped_recipes_use_the_new_key():
+    from conftest import ROOT
+
+    texts = {p: p.read_text() for p in (ROOT / "recipes").rglob("*.yaml")}
+    assert not [p for p, t in texts.items() if "gradient_checkpointing" in t]
+    assert any("activation_checkpointing: full" in t for t in texts.values())
+
+
+# --- training --------------------------------------------------------------------------------------
+
+CONFIGS = {
+    "llama": dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, attention_dropout=0.1),
+    "gpt2": dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=4, n_positions=64),  # dropout 0.1 everywhere
+}
+
+
+def _model(name: str, mode: str, attn: str = "sdpa"):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(**{**CONFIGS[name], "vocab_size": 97})
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn)
+    model.config.use_cache = False
+    return apply_activation_checkpointing(model, mode).train()
+
+
+def _batch(step: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(step)
+    ids = torch.randint(0, 97, (2, 16), generator=g)
+    labels = ids.clone()
+    labels[0, :5] = -100
+    mask = torch.ones_like(ids)
+    mask[1, 12:] = 0
+    labels[mask == 0] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _train(name: str, mode: str, steps: int = 3) -> tuple[list[float], dict[str, torch.Tensor]]:
+    model = _model(name, mode)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    torch.manual_seed(7)  # dropout masks: the same draws in every mode (checkpointing restores the RNG)
+    losses = []
+    for _ in range(steps):
+        loss = model(**_batch(0), num_items_in_batch=20.0).loss  # one batch: the loss must fall
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_selective_and_full_train_exactly_as_none(name):
+    ref_losses, ref_state = _train(name, "none")
+    assert ref_losses[-1] < ref_losses[0]  # it trains
+    for mode in ("selective", "full"):
+        losses, state = _train(name, mode)
+        torch.testing.assert_close(losses, ref_losses, rtol=1e-6, atol=0, msg=mode)
+        for k in ref_state:
+            torch.testing.assert_close(state[k], ref_state[k], rtol=1e-6, atol=1e-9, msg=f"{mode}: {k}")
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def _backward_ops(name: str, mode: str) -> dict[str, int]:
+    model = _model(name, mode, attn="eager")  # eager: the softmax is an op of its own
+    loss = model(**_batch(0)).loss
+    with _CountOps() as ops:
+        loss.backward()
+    return ops.counts
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_selective_recomputes_attention_and_elementwise_ops_but_no_matmul(name):
+    """What the backward pass runs: `none` recomputes nothing, `full` the whole layer (its matmuls
+    too), `selective` the softmax and elementwise ops but not one matmul of the forward."""
+    none, selective, full = (_backward_ops(name, m) for m in ("none", "selective", "full"))
+    matmuls = lambda c: c.get("mm", 0) + c.get("addmm", 0)  # noqa: E731
+    assert none.get("_softmax", 0) == 0
+    assert selective.get("_softmax", 0) == full.get("_softmax", 0) == CONFIGS_LAYERS[name]
+    assert matmuls(selective) == matmuls(none)  # kept, not recomputed
+    assert matmuls(full) > matmuls(none)
+    assert selective.get("bmm", 0) == full.get("bmm", 0) > none.get("bmm", 0)  # the attention core
+
+
+CONFIGS_LAYERS = {"llama": 2, "gpt2": 2}
+
+
+def test_pipeline_decoder_layers_checkpoint_in_the_mode(monkeypatch):
+    """build_pipeline_module hands DeepSpeed the mode's checkpoint function and turns off the
+    Hugging Face layers' own (they would checkpoint twice)."""
+    from launcher.runtime import pipeline
+
+    seen = {}
+
+    class FakePipelineModule:
+        def __init__(self, **kwargs):
+            seen.update(kwargs)
+            self._layer_specs = kwargs["layers"]
+
+        def parameters(self):
+            return iter(())
+
+    import deepspeed.pipe
+
+    monkeypatch.setattr(deepspeed.pipe, "PipelineModule", FakePipelineModule)
+    for mode, expect in (("none", None), (False, None), ("selective", "context_fn"), ("full", "use_reentrant"),
+                         (True, "use_reentrant")):
+        hf = _model("llama", "full")
+        seen.clear()
+        pipeline.build_pipeline_module(hf, stages=2, activation_checkpointing=mode)
+        assert not hf.is_activation_checkpointing
+        fn = seen.get("activation_checkpoint_func")
+        if expect is None:
+            assert fn is None and "activation_checkpoint_interval" not in seen
+        else:
+            assert seen["activation_checkpoint_interval"] == 1 and expect in fn.keywords
+            assert ("context_fn" in fn.keywords) == (mode == "selective")
