@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from launcher.cli import backend_cmds, ckpt_cmds, ckpt_export_cmd, estimate_cmd, recipes_cmds, run_cmds
+from launcher.cli import backend_cmds, ckpt_cmds, ckpt_export_cmd, data_cmds, estimate_cmd, recipes_cmds, run_cmds
 from launcher.cli.common import console
 
 app = typer.Typer(
@@ -61,3 +61,7 @@ ckpt_app.command("list")(ckpt_cmds.ckpt_list)
 ckpt_app.command("verify")(ckpt_cmds.ckpt_verify)
 ckpt_app.command("export")(ckpt_export_cmd.ckpt_export)
 app.add_typer(ckpt_app, name="ckpt")
+
+data_app = typer.Typer(help="Prepare training data once: tokenized, memory-mapped, cached.", no_args_is_help=True)
+data_app.command("prepare")(data_cmds.data_prepare)
+app.add_typer(data_app, name="data")

@@ -64,6 +64,17 @@ class Counts:
     dropped_no_labels: int = 0
     """SFT examples whose response was cut off entirely by max_seq_len."""
 
+    skipped_by_reason: dict[str, int] = field(default_factory=dict)
+    """Skipped rows per kind of problem (with `data.skip_malformed`)."""
+
+    def add(self, other: "Counts") -> None:
+        self.rows += other.rows
+        self.skipped_malformed += other.skipped_malformed
+        self.truncated += other.truncated
+        self.dropped_no_labels += other.dropped_no_labels
+        for reason, n in other.skipped_by_reason.items():
+            self.skipped_by_reason[reason] = self.skipped_by_reason.get(reason, 0) + n
+
 
 @dataclass
 class Item:
@@ -178,6 +189,9 @@ def _malformed(
             )
         raise DataError(f"{where}: fix the row, or set data.skip_malformed=true to skip such rows")
     counts.skipped_malformed += 1
+    # the kind of problem, without the row-specific numbers and the hint after ';'
+    reason = re.sub(r"\d+", "N", problem.split(";")[0])[:100]
+    counts.skipped_by_reason[reason] = counts.skipped_by_reason.get(reason, 0) + 1
 
 
 def _finish(ids: list[int], labels: list[int], data: DataConfig, counts: Counts) -> dict | None:

@@ -21,7 +21,7 @@ from launcher.data.synthetic import generate
 from launcher.errors import DataError
 from launcher.recipe.sections import DataConfig
 
-BUILDERS = {".json": "json", ".jsonl": "json", ".txt": "text", ".parquet": "parquet"}
+BUILDERS = {".json": "json", ".jsonl": "json", ".txt": "text", ".parquet": "parquet", ".arrow": "arrow"}
 """File extension -> `datasets` builder."""
 
 
@@ -87,9 +87,9 @@ def _locate_bad_json(path: Path, skip: bool) -> tuple[list[tuple[int, Any]], int
 
 def _load_file(path: Path, key: str, data: DataConfig) -> tuple[list[Row], int]:
     builder = BUILDERS[path.suffix.lower()]
-    # Paragraphs (blank-line separated) are the documents of a .txt file: speeches in a play,
-    # sections of a book. Each gets its own eos and its own positions when packed.
-    kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
+    # data.sample_by: what a document of a .txt file is (by default its paragraphs, blank-line
+    # separated: speeches in a play, sections of a book). Each gets its own eos and positions.
+    kwargs = {"sample_by": data.sample_by} if builder == "text" else {}
     skipped = 0
     try:
         # A throwaway cache: the rows are read into memory at once, and the default cache under
@@ -146,16 +146,23 @@ def load_files(paths: list[str], key: str, data: DataConfig) -> tuple[list[Row],
     return rows, skipped
 
 
-def load_hub(data: DataConfig) -> list[Row]:
+def open_hub(data: DataConfig, key: str = "data.hub") -> Any:
+    """The hub dataset (a `datasets.IterableDataset` with `data.streaming`)."""
     try:
         with _quiet():
-            ds = datasets.load_dataset(data.hub, split=data.hub_split)
+            return datasets.load_dataset(data.hub, data.hub_config, split=data.hub_split,
+                                         revision=data.hub_revision, streaming=data.streaming)
     except Exception as e:
         raise DataError(
-            f"data.hub: cannot load {data.hub!r} split {data.hub_split!r} "
-            f"({str(e).splitlines()[0]}): check the id and split, and that the hub is reachable"
+            f"{key}: cannot load {data.hub!r} split {data.hub_split!r} "
+            f"({str(e).splitlines()[0]}): check the id, config and split, and that the hub is reachable"
         ) from None
-    return [Row(f"hub:{data.hub}", i, r) for i, r in enumerate(ds.to_list(), start=1)]
+
+
+def load_hub(data: DataConfig) -> list[Row]:
+    ds = open_hub(data)
+    rows = ds.to_list() if isinstance(ds, datasets.Dataset) else list(ds)
+    return [Row(f"hub:{data.hub}", i, r) for i, r in enumerate(rows, start=1)]
 
 
 def load_synthetic(data: DataConfig) -> list[Row]:
@@ -171,3 +178,62 @@ def load_train_rows(data: DataConfig) -> tuple[list[Row], int]:
     if data.hub:
         return load_hub(data), 0
     return load_files(data.path, "data.path", data)
+
+
+def _numbered(ds: Any, src: int, numbers: list[int] | None = None) -> Any:
+    """`ds` with the columns `_src` (index into the source names) and `_row` (1-based number)."""
+    if isinstance(ds, datasets.IterableDataset):
+        return ds.map(lambda r, i: {"_src": src, "_row": i + 1}, with_indices=True)
+    n = len(ds)
+    ds = ds.add_column("_row", numbers or list(range(1, n + 1)))
+    return ds.add_column("_src", [src] * n)
+
+
+def _file_dataset(path: Path, src: int, key: str, data: DataConfig, cache: str) -> tuple[Any, int]:
+    """One file as an Arrow dataset (on disk under `cache`, memory-mapped), numbered."""
+    builder = BUILDERS[path.suffix.lower()]
+    kwargs = {"sample_by": data.sample_by} if builder == "text" else {}
+    try:
+        with _quiet():
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache, **kwargs)
+    except Exception as e:
+        if builder != "json":
+            raise DataError(f"{key}: cannot read {path}: {str(e).splitlines()[0]}") from None
+        records, skipped = _locate_bad_json(path, data.skip_malformed)
+        if not records and not skipped:
+            raise DataError(f"{key}: {path} holds no rows: check the file, or remove it from {key}")
+        # rows as JSON text: rows of a broken file need not share one Arrow schema
+        raw = datasets.Dataset.from_dict({"_raw": [json.dumps(r) for _, r in records]})
+        return _numbered(raw, src, [n for n, _ in records]), skipped
+    ds = _numbered(ds, src)
+    if builder == "text":
+        with _quiet():
+            ds = ds.filter(lambda b: [bool(t.strip()) for t in b["text"]], batched=True)
+    if len(ds) == 0:
+        raise DataError(f"{key}: {path} holds no rows: check the file, or remove it from {key}")
+    return ds, 0
+
+
+def rows_dataset(data: DataConfig, key: str, cache: str) -> tuple[Any, list[str], int]:
+    """The rows of `data`'s one source as a `datasets` dataset (an IterableDataset when
+    streaming) with `_src`/`_row` columns naming each row's origin; the source names `_src`
+    indexes; and the number of unparsable rows skipped. Files are read into Arrow files under
+    `cache`, never into Python lists."""
+    if data.synthetic is not None:
+        return _numbered(datasets.Dataset.from_list(generate(data.synthetic)), 0), ["data.synthetic"], 0
+    if data.hub:
+        return _numbered(open_hub(data, key), 0), [f"hub:{data.hub}"], 0
+    paths = [_check_path(p, key, data) for p in data.path]
+    parts, skipped = [], 0
+    for i, path in enumerate(paths):
+        ds, n = _file_dataset(path, i, key, data, cache)
+        parts.append(ds)
+        skipped += n
+    try:
+        ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    except ValueError as e:  # different columns or types
+        raise DataError(
+            f"{key}: the files do not share one set of columns ({str(e).splitlines()[0]}): give "
+            "files of the same shape, or list them as separate data.sources"
+        ) from None
+    return ds, [str(p) for p in paths], skipped

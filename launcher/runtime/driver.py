@@ -1,7 +1,8 @@
 """The driver: start or join Ray and run one Ray Train `TorchTrainer` worker per GPU (or CPU worker).
 
-Data and tokenizer are built once here, before any worker starts, so that a bad file or row is
-reported as a user error with nothing launched; the workers receive them through Ray's object store.
+Data and tokenizer are prepared once here, before any worker starts, so that a bad file or row is
+reported as a user error with nothing launched. The data goes to the workers as the paths of its
+memory-mapped files (its splits pickle as paths), never as the tokens; each worker opens them.
 """
 
 from __future__ import annotations

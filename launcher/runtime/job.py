@@ -56,10 +56,14 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe) -> None:
     (run_dir / RECIPE_FILE).write_text(to_yaml(recipe))
 
 
-def preflight(recipe: Recipe) -> tuple[Any, Any]:
-    """Build tokenizer and data here, so that bad input fails before any worker starts. Resolves
-    relative model and tokenizer directories in `recipe` to absolute ones (in place)."""
-    from launcher.data import build_datasets, build_tokenizer
+def preflight(recipe: Recipe, *, data_progress: Any = None) -> tuple[Any, Any]:
+    """Build the tokenizer and prepare the data here (or find it prepared in `data.cache_dir`), so
+    that bad input fails before any worker starts. Resolves relative model and tokenizer
+    directories in `recipe` to absolute ones (in place). The data's splits are memory-mapped
+    files that pickle as their paths: workers open them instead of receiving the tokens.
+    `data_progress(event)` hears the prepare's progress (see launcher.data.prepare)."""
+    from launcher.data import build_tokenizer
+    from launcher.data.prepare import prepare_datasets
 
     if recipe.logging.wandb_project:
         try:
@@ -90,7 +94,7 @@ def preflight(recipe: Recipe) -> tuple[Any, Any]:
 
         # a supported model family, and no more stages than decoder layers
         check_stages(model_config(recipe.model, tokenizer), recipe.parallelism.pipeline_stages)
-    data = build_datasets(recipe, tokenizer)
+    data = prepare_datasets(recipe, tokenizer, progress=data_progress)
     if not data.train:
         raise UserError("the data produced no training examples: check data.path and data.format")
     return tokenizer, data
@@ -133,7 +137,7 @@ def run_job(
             f"(raise train.max_steps to go on)")
         return load_result(run_dir)
     say("checking the model, tokenizer and data")  # before Ray: a hub model can take a while
-    tokenizer, data = preflight(recipe)
+    tokenizer, data = preflight(recipe, data_progress=_data_notes(say))
     prepare_run_dir(run_dir, recipe)
     preempt.clear(run_dir)
     (run_dir / SUMMARY_FILE).unlink(missing_ok=True)
@@ -146,6 +150,19 @@ def run_job(
     if stopped.exists():
         return JobResult(run_dir, {}, preempted=json.loads(stopped.read_text()))
     return load_result(run_dir)
+
+
+def _data_notes(say: Any) -> Any:
+    """Tells `say` which data sets were found prepared and which were prepared now."""
+
+    def hear(event: dict[str, Any]) -> None:
+        if event["event"] == "cached":
+            say(f"data: {event['source']}: prepared earlier, {event['path']}")
+        elif event["event"] == "done":
+            say(f"data: {event['source']}: prepared {event['rows']} rows, {event['tokens']} tokens "
+                f"in {event['seconds']:.1f} s -> {event['path']}")
+
+    return hear
 
 
 def _resume_point(run_dir: Path, recipe: Recipe, resume: bool, say: Any) -> Any:

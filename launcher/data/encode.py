@@ -1,0 +1,83 @@
+"""Rows -> token ids in batches, for `datasets.Dataset.map` on every core while preparing.
+
+Each batch of raw rows goes through the same functions as the in-memory path (formats.py:
+validation, prompt masking, truncation), so a prepared data set holds exactly the tokens that
+path produces. A batch returns its examples (SFT: `input_ids` and `labels`; text: one document's
+`input_ids` each) and one last row with empty `input_ids` whose `_stats` column carries the
+batch's counts (rows, skipped per reason, truncated): map's output rows need not match its
+input rows one to one, and the counts must survive the worker processes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Any
+
+from launcher.data import formats
+from launcher.data.formats import Counts
+from launcher.data.sources import Row
+from launcher.recipe.sections import DataConfig
+
+
+def rename(row: dict, columns: dict[str, str], roles: dict[str, str]) -> dict:
+    """A source's own column and speaker names -> the format's (`columns`: format field ->
+    column; `roles`: source speaker -> known speaker)."""
+    if columns:
+        row = dict(row)
+        for wanted, have in columns.items():
+            if have in row:
+                row[wanted] = row.pop(have)
+    if roles:
+        for key in ("conversations", "messages"):
+            turns = row.get(key)
+            if isinstance(turns, list):
+                row[key] = [_rename_turn(t, roles) for t in turns]
+    return row
+
+
+def _rename_turn(turn: Any, roles: dict[str, str]) -> Any:
+    if not isinstance(turn, dict):
+        return turn
+    out = dict(turn)
+    for k in ("from", "role"):
+        if out.get(k) in roles:
+            out[k] = roles[out[k]]
+    return out
+
+
+def batch_rows(batch: dict[str, list], names: list[str], columns: dict, roles: dict) -> list[Row]:
+    """A map batch (columns of lists) -> Rows naming their file and row number."""
+    keys = [k for k in batch if not k.startswith("_")]
+    rows = []
+    for i, number in enumerate(batch["_row"]):
+        data = json.loads(batch["_raw"][i]) if "_raw" in batch else {k: batch[k][i] for k in keys}
+        rows.append(Row(names[batch["_src"][i]], number, rename(data, columns, roles)))
+    return rows
+
+
+def encode_batch(
+    batch: dict[str, list], *, tokenizer: Any, data: DataConfig, names: list[str], columns: dict, roles: dict
+) -> dict[str, list]:
+    """The map function: a batch of rows -> its examples plus one stats row."""
+    counts = Counts()
+    items = formats.normalize(batch_rows(batch, names, columns, roles), data, counts)
+    if data.format == "text":
+        docs = formats.encode_documents(items, tokenizer)
+        out: dict[str, list] = {"input_ids": docs, "labels": [[] for _ in docs]}
+    else:
+        examples = formats.encode_sft(items, tokenizer, data, counts)
+        out = {"input_ids": [e["input_ids"] for e in examples], "labels": [e["labels"] for e in examples]}
+    n = len(out["input_ids"])
+    out["input_ids"].append([])
+    out["labels"].append([])
+    out["_stats"] = [""] * n + [json.dumps(asdict(counts))]
+    return out
+
+
+def counts_from(stats: list[str]) -> Counts:
+    total = Counts()
+    for s in stats:
+        if s:
+            total.add(Counts(**json.loads(s)))
+    return total
