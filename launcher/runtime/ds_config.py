@@ -22,6 +22,37 @@ def _offload(device: str, nvme_path: str | None) -> dict[str, Any]:
     return entry
 
 
+def _precision(dtype: str, zero_stage: int) -> dict[str, Any]:
+    """The mixed-precision keys: 16-bit weights and compute, fp32 everywhere gradients are summed.
+
+    DeepSpeed's `grad_accum_dtype` defaults to the model dtype, so ZeRO 1-3 would sum the
+    micro-batches' partitioned gradients in bf16 (8 bits of mantissa: a 4-step accumulation
+    already loses the small contributions), and `communication_data_type` defaults to it too, so
+    the all-reduce / reduce-scatter would round the sum over ranks to bf16 as well. fp32 for both
+    makes gradient accumulation and data parallelism change nothing but the summation order, as
+    in fp32 runs (docs/parity.md, the bf16 cells). With bf16, `grad_accum_dtype: fp32` also makes
+    ZeRO-0 and ZeRO-1 use BF16_Optimizer (fp32 master weights and fp32 gradient buffers); ZeRO-0
+    needs `launcher.runtime.precision.install_deepspeed_backports()`, DeepSpeed 0.19.8 refuses it
+    otherwise. Master weights stay fp32 (`bf16_master_weights_and_grads: false`) in every stage.
+    fp16 without ZeRO keeps DeepSpeed's FP16_Optimizer (fp32 master weights), which refuses an
+    fp32 accumulation dtype.
+    """
+    if dtype == "bf16":
+        return {
+            "bf16": {"enabled": True, "bf16_master_weights_and_grads": False},
+            "fp16": {"enabled": False, "loss_scale": 0, "initial_scale_power": 16},
+            "data_types": {"grad_accum_dtype": "fp32"},
+            "communication_data_type": "fp32",
+        }
+    out: dict[str, Any] = {
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": dtype == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+    }
+    if dtype == "fp16" and zero_stage >= 1:
+        out.update(data_types={"grad_accum_dtype": "fp32"}, communication_data_type="fp32")
+    return out
+
+
 def build_ds_config(recipe: Recipe, *, data_parallel: int, on_gpu: bool) -> dict[str, Any]:
     """DeepSpeed config for `recipe` with `data_parallel` replicas; `recipe.deepspeed` merged last.
 
@@ -66,8 +97,7 @@ def build_ds_config(recipe: Recipe, *, data_parallel: int, on_gpu: bool) -> dict
         "gradient_clipping": t.max_grad_norm,
         "zero_optimization": zero,
         "optimizer": {"type": "AdamW", "params": adam},
-        "bf16": {"enabled": recipe.model.dtype == "bf16"},
-        "fp16": {"enabled": recipe.model.dtype == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        **_precision(recipe.model.dtype, par.zero_stage),
         "steps_per_print": 10**9,  # the launcher logs metrics itself
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
