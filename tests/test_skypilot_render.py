@@ -116,6 +116,7 @@ if [ "$1" = -m ] && [ "$2" = launcher.backends.slurm.wait_ray ]; then
   for _ in $(seq 100); do grep -aq -- --head "$STUB_LOG" && break; sleep 0.1; done
 fi
 if [ "$1" = -m ] && [ "$2" = launcher ]; then exit "${STUB_DRIVER_CODE:-0}"; fi
+if [ "$1" = -m ] && [ "$2" = launcher.backends.ports ]; then echo "$8"; fi   # the preferred block is free
 exit 0
 """
 
@@ -188,13 +189,16 @@ def test_rank_0_starts_the_head_waits_and_runs_the_driver(tmp_path, cloud, windo
     res = _bash(task.config["run"], tmp_path, env, tmp_path)
     assert res.returncode == 0, res.stderr
     calls = [c for c in _calls(tmp_path / "calls.log") if c[1] == "-m"]
+    (ports,) = [c for c in calls if c[2] == "launcher.backends.ports"]
+    assert ports[3] == "10.0.0.1" and ports[6:8] == ["20000", "31999"]   # this node's block, probed
+    calls = [c for c in calls if c[2] != "launcher.backends.ports"]
     assert len(calls) == 3   # the head runs in the background; the wait_ray stand-in waits for it
     (head,) = [c for c in calls if c[2] == "ray.scripts.scripts"]
     (wait,) = [c for c in calls if c[2] == "launcher.backends.slurm.wait_ray"]
     (driver,) = [c for c in calls if c[2] == "launcher"]
     assert head[2:6] == ["ray.scripts.scripts", "start", "--head", "--block"]
     assert "--port=6385" in head and "--node-ip-address=10.0.0.1" in head and "--include-dashboard=false" in head
-    assert "--min-worker-port=20000" in head and not any(a.endswith(("=6380", "=8076", "=8266")) for a in head)
+    assert "--min-worker-port=20010" in head and "--node-manager-port=20001" in head and not any(a.endswith(("=6380", "=8076", "=8266")) for a in head)
     assert wait[2:6] == ["launcher.backends.slurm.wait_ray", "10.0.0.1:6385", "2", "600"]
     run_dir = str(home / "launcher-runs" / RUN_ID)
     assert driver[2:9] == ["launcher", "run", f"{run_dir}/skypilot/recipe.yaml", "--run-dir", run_dir,
@@ -207,7 +211,7 @@ def test_other_ranks_join_the_head_and_run_no_driver(tmp_path):
     _, _, env = _run_env(tmp_path, 2, "10.0.0.1\n10.0.0.2\n10.0.0.3\n10.0.0.4\n")
     res = _bash(task.config["run"], tmp_path, env, tmp_path)
     assert res.returncode == 0, res.stderr
-    calls = [c for c in _calls(tmp_path / "calls.log") if c[1] == "-m"]
+    calls = [c for c in _calls(tmp_path / "calls.log") if c[1] == "-m" and c[2] != "launcher.backends.ports"]
     assert len(calls) == 1
     assert calls[0][2:6] == ["ray.scripts.scripts", "start", "--address=10.0.0.1:6385", "--block"]
     assert "--node-ip-address=10.0.0.3" in calls[0] and "TOKEN=tok123" in calls[0]

@@ -88,6 +88,7 @@ case "$(basename "$0"):$1" in
   ip:*) echo "2: eth0    inet 10.1.2.3/24 brd 10.1.2.255 scope global eth0" ;;
 esac
 if [ "$1" = -m ] && [ "$2" = launcher ]; then exit "${STUB_DRIVER_CODE:-0}"; fi
+if [ "$1" = -m ] && [ "$2" = launcher.backends.ports ]; then echo "$8"; fi   # the preferred block is free
 exit 0
 """
 

@@ -155,6 +155,16 @@ class ClusterProfile:
     ray_start_timeout_s: int = 300
     """How long the job waits for every node to join the Ray cluster before it fails."""
 
+    exclude_node_after: int = 2
+    """A node whose Ray step died under a run this many times (over its restarts) is excluded
+    from the run's next allocations (`scontrol update ExcNodeList`). 0: never exclude."""
+
+    secrets_file: str | None = None
+    """A file of `NAME=value` lines (e.g. `~/.config/launcher/secrets.env`, mode 600, on the
+    shared filesystem) that the job reads at its start, on the first node: how secrets such as
+    `HF_TOKEN` reach a Slurm job. They are not handed to sbatch, since slurmctld stores a job's
+    environment; the values are taken literally and never written anywhere."""
+
     usd_per_gpu_hour: float | None = None
     """On-prem cost of one GPU-hour in dollars, for the estimator and the run registry."""
 
@@ -199,6 +209,10 @@ class ClusterProfile:
         )
         _require(self.max_restarts >= 0, "max_restarts", "must be 0 or more")
         _require(self.ray_start_timeout_s >= 10, "ray_start_timeout_s", "must be at least 10")
+        _require(self.exclude_node_after >= 0, "exclude_node_after", "must be 0 (never) or more, e.g. 2")
+        if self.secrets_file is not None:
+            _require(bool(self.secrets_file.strip()) and "\n" not in self.secrets_file, "secrets_file",
+                     "a path, e.g. ~/.config/launcher/secrets.env")
         check_common(
             self.usd_per_gpu_hour, self.setup, self.env, node_memory_gb=self.node_memory_gb,
             secret_fix="export it where you run `launcher submit` instead; the job inherits it and it "

@@ -23,12 +23,12 @@ from the caller's environment, and never written anywhere).
 from __future__ import annotations
 
 import re
-import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
+from launcher.backends import jobscript as js
 from launcher.backends.skypilot.profile import PREEMPT_WINDOW_S, SkyPilotProfile
 from launcher.errors import EXIT_PREEMPTED, UserError
 from launcher.recipe.sections import Recipe
@@ -42,7 +42,10 @@ RAY_TOKEN_SECRET = "LAUNCHER_RAY_AUTH_TOKEN"
 else on the network can submit work to the run's Ray (no auth is remote code execution)."""
 
 RAY_PORT = 6385
-"""GCS port of the run's Ray; its other ports follow (6386-6392) and its workers use 20000-20999."""
+"""GCS port of the run's Ray (fixed: the other nodes know the head only from SKYPILOT_NODE_IPS).
+Each node's other ports are a block it reserves and probes for itself between 20000 and 31999
+(launcher.backends.ports), apart from SkyPilot's own Ray (6380, 8076, 8266, 10002-19999)."""
+PORT_FIRST, PORT_LAST = 20000, 31999
 VENV = "~/.launcher-venv"
 
 
@@ -69,8 +72,7 @@ def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
 _Dumper.add_representer(str, _str)
 
 
-def _q(value: object) -> str:
-    return shlex.quote(str(value))
+_q = js.q
 
 
 def _home_path(path: str) -> str:
@@ -78,10 +80,6 @@ def _home_path(path: str) -> str:
     if path.startswith("~/"):
         return '"$HOME"/' + _q(path[2:])
     return _q(path)
-
-
-def _setup_line(line: str) -> str:
-    return " ".join(_q(w) for w in shlex.split(line))
 
 
 def cluster_name(run_id: str) -> str:
@@ -100,11 +98,7 @@ def bucket_uri(profile: SkyPilotProfile, run_id: str) -> str:
 
 def check_fits(recipe: Recipe, profile: SkyPilotProfile) -> None:
     r = recipe.resources
-    if r.gpus_per_node > profile.gpus_per_node:
-        raise UserError(
-            f"the recipe asks for {r.gpus_per_node} GPUs per node (resources.gpus_per_node) but the "
-            f"profile's nodes have {profile.gpus_per_node} (accelerators: {profile.accelerators})"
-        )
+    js.check_gpus_fit(recipe, profile.gpus_per_node, f"the profile's nodes (accelerators: {profile.accelerators})")
     if r.gpus_per_node == 0:
         raise UserError(
             f"the recipe trains on CPU workers (resources.gpus_per_node is 0): set "
@@ -166,10 +160,7 @@ def render_task(
 
 
 def _setup(profile: SkyPilotProfile) -> str:
-    lines = ["set -euo pipefail"]
-    if profile.setup:
-        lines.append("# Setup lines of the cluster profile (one command each, arguments quoted).")
-        lines += [_setup_line(line) for line in profile.setup]
+    lines = ["set -euo pipefail", *js.setup_lines(profile.setup)]
     lines += [
         "# The project (SkyPilot's workdir, here) in its own environment; torch pinned first.",
         f'[ -x {_home_path(VENV)}/bin/python ] || {_q(profile.python)} -m venv {_home_path(VENV)}',
@@ -193,9 +184,18 @@ def _run(recipe: Recipe, profile: SkyPilotProfile, run_dir: str) -> str:
         f"WATCH_SPOT_NOTICE={1 if profile.use_spot else 0}",
         "",
     ]
-    body = _RUN.replace("%(windows)s", windows).replace("%(port)d", str(RAY_PORT))
-    body = body.replace("%(token)s", RAY_TOKEN_SECRET).replace("%(preempted)d", str(EXIT_PREEMPTED))
-    body = body.replace("%(sky)s", SKY_SUBDIR).replace("%(recipe)s", RECIPE_FILE)
+    subs = {
+        "%(windows)s": windows, "%(port)d": str(RAY_PORT), "%(token)s": RAY_TOKEN_SECRET,
+        "%(preempted)d": str(EXIT_PREEMPTED), "%(sky)s": SKY_SUBDIR, "%(recipe)s": RECIPE_FILE,
+        "%(first)d": str(PORT_FIRST), "%(last)d": str(PORT_LAST), "%(ray_env)s": js.RAY_ENV,
+        "%(reserve)s": js.RESERVE_PORTS, "%(ray_ports)s": js.ray_ports("PORT_BASE"),
+        "%(window)s": js.export_window("$WINDOW"),
+        "%(ray_head)s": js.ray_start("head", str(RAY_PORT)), "%(ray_worker)s": js.ray_start("worker", ""),
+        "%(forward)s": js.forward_and_wait(),
+    }
+    body = _RUN
+    for key, value in subs.items():
+        body = body.replace(key, value)
     return "\n".join(head) + body
 
 
@@ -211,20 +211,22 @@ export LAUNCHER_RUN_DIR="$RUN_DIR"
 CLOUD="$("$PY" -c 'import json, os; print(str(json.loads(os.environ.get("SKYPILOT_CLUSTER_INFO") or "{}").get("cloud") or "").lower())' 2>/dev/null)"
 WINDOW=30
 case "$CLOUD" in %(windows)s esac
-export LAUNCHER_CLOUD="$CLOUD" LAUNCHER_PREEMPT_WINDOW_S="$WINDOW"
+export LAUNCHER_CLOUD="$CLOUD"
+%(window)s
 
-# The run's own Ray, apart from SkyPilot's: its own ports, bound to the node's cluster address,
-# no dashboard, token authentication with a token only this task's secrets hold.
-export RAY_AUTH_MODE=token
+# The run's own Ray, apart from SkyPilot's: its own ports (a block this node reserves and probes
+# for itself), bound to the node's cluster address, which gloo binds to as well; no dashboard;
+# token authentication with a token only this task's secrets hold.
+%(ray_env)s
 export RAY_AUTH_TOKEN="${%(token)s:?the Ray token secret is missing}"
-export RAY_USAGE_STATS_ENABLED=0
 RAY_ADDRESS_JOB="$HEAD_IP:%(port)d"
-RAY_PORTS=(
-  --node-manager-port=6386 --object-manager-port=6387 --ray-client-server-port=6388
-  --dashboard-agent-grpc-port=6389 --dashboard-agent-listen-port=6390 --metrics-export-port=6391
-  --runtime-env-agent-port=6392 --min-worker-port=20000 --max-worker-port=20999
-)
 RAY_CPUS="$(nproc)"
+RAY_PORT_BLOCK=$(( (10 + (2 * RAY_CPUS > 90 ? 2 * RAY_CPUS : 90) + 99) / 100 * 100 ))   # ports.block_size
+export GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-$(ip -4 -o addr show 2>/dev/null | awk -v ip="$NODE_IP" '{split($4, a, "/"); if (a[1] == ip) {print $2; exit}}')}"
+[ -n "$GLOO_SOCKET_IFNAME" ] || unset GLOO_SOCKET_IFNAME
+%(reserve)s
+PORT_BASE="$(reserve_ports "$NODE_IP" %(first)d %(last)d %(first)d)" || exit 1
+%(ray_ports)s
 
 if [ "$RANK" -ne 0 ]; then
   # A worker: wait for the head, serve Ray until the head goes away (the driver ended).
@@ -233,13 +235,11 @@ if [ "$RANK" -ne 0 ]; then
     [ "$SECONDS" -lt "$deadline" ] || { echo "launcher: no Ray head at $RAY_ADDRESS_JOB" >&2; exit 1; }
     sleep 3
   done
-  "$PY" -m ray.scripts.scripts start --address="$RAY_ADDRESS_JOB" --block --node-ip-address="$NODE_IP" \\
-    --disable-usage-stats --num-cpus="$RAY_CPUS" "${RAY_PORTS[@]}"
+  %(ray_worker)s --node-ip-address="$NODE_IP"
   exit 0
 fi
 
-"$PY" -m ray.scripts.scripts start --head --block --port=%(port)d --node-ip-address="$NODE_IP" \\
-  --include-dashboard=false --disable-usage-stats --num-cpus="$RAY_CPUS" "${RAY_PORTS[@]}" &
+%(ray_head)s --node-ip-address="$NODE_IP" &
 RAY_PID=$!
 stop_ray() {
   kill -TERM "$RAY_PID" 2>/dev/null
@@ -253,8 +253,6 @@ fi
 # The driver resumes from the latest committed checkpoint in the bucket (none: from step 0).
 "$PY" -m launcher run "$RECIPE_YAML" --run-dir "$RUN_DIR" --ray-address "$RAY_ADDRESS_JOB" &
 DRIVER=$!
-trap 'kill -s USR1 "$DRIVER" 2>/dev/null' USR1
-trap 'kill -s TERM "$DRIVER" 2>/dev/null' TERM
 
 # Spot: poll the cloud's preemption notice and warn the driver as soon as it comes.
 spot_notice() {
@@ -277,18 +275,7 @@ if [ "$WATCH_SPOT_NOTICE" = 1 ] && command -v curl >/dev/null; then
   WATCHER=$!
 fi
 
-CODE=0
-while :; do
-  wait "$DRIVER"
-  CODE=$?
-  kill -0 "$DRIVER" 2>/dev/null || break   # a trapped signal interrupted `wait`: wait again
-done
-if [ "$CODE" -gt 128 ]; then
-  wait "$DRIVER" 2>/dev/null
-  LAST=$?
-  [ "$LAST" -ne 127 ] && CODE=$LAST
-fi
-trap - USR1 TERM
+%(forward)s
 [ -n "$WATCHER" ] && kill "$WATCHER" 2>/dev/null
 stop_ray
 [ "$CODE" -eq %(preempted)d ] && echo "launcher: stopped for a preemption; the managed job restarts and resumes" >&2

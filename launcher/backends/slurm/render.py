@@ -5,29 +5,36 @@ What the script does, in order:
 1. asks for `resources.nodes` nodes with one task per node, `--requeue`, and
    `--signal=B:USR1@<lead>` (only the batch shell is warned; it forwards the signal);
 2. runs the profile's setup lines and exports its environment;
-3. starts the Ray head on the first node and a Ray worker on every other node through `srun`,
-   bound to the node's cluster address, on ports derived from the job id, with a token that
-   exists only in the job's environment; waits until every node has joined;
+3. starts the Ray head on the first node and a Ray worker on every other node through `srun`
+   (one step per node, so that a node that dies is known by name), bound to the node's cluster
+   address, on a block of ports each node reserves and probes for itself
+   (`launcher.backends.ports`), with a token that exists only in the job's environment; waits
+   until every node has joined;
 4. runs the driver (`launcher run`) on the first node against that Ray cluster, in the background,
    trapping USR1 and TERM and forwarding them to it;
-5. when the driver exits with the preempted code (75) after committing a checkpoint, requeues the
-   job (`scontrol requeue`): the next allocation runs the same script, and `launcher run` resumes
-   from the latest committed checkpoint in the run directory.
+5. when the driver exits with the preempted code (75) after committing a checkpoint, or fails
+   after a node was lost, requeues the job (`scontrol requeue`), excluding nodes that failed
+   `exclude_node_after` times: the next allocation runs the same script, and `launcher run`
+   resumes from the latest committed checkpoint in the run directory.
 
 Every value that comes from the recipe or the profile is quoted with `shlex.quote` (or, for
 `#SBATCH` directives, restricted to a safe character set by the profile's validation and checked
 again here), so a value with `;`, `$(...)`, backticks or a newline is never executed. Secrets are
-not rendered at all: sbatch passes the submitting environment on to the job.
+not rendered at all, nor handed to sbatch (slurmctld stores a job's environment): the job gets an
+explicit list of variables (`--export=`), and reads secrets at run time from the profile's
+`secrets_file`.
 """
 
 from __future__ import annotations
 
 import math
-import shlex
 from dataclasses import dataclass
 
-from launcher.backends.profile import _DIRECTIVE, ClusterProfile
+from launcher.backends import jobscript as js
+from launcher.backends.ports import block_size
+from launcher.backends.profile import _DIRECTIVE, SECRET_NAME, ClusterProfile
 from launcher.errors import EXIT_PREEMPTED, UserError
+from launcher.recipe.load import env_variables
 from launcher.recipe.sections import Recipe
 
 SLURM_SUBDIR = "slurm"
@@ -39,7 +46,18 @@ EVENTS_FILE = "events.jsonl"
 CANCEL_FILE = "cancel-requested"
 
 PORT_SLOTS = 220
-"""Ray ports: job J uses 10000 + (J mod 220) * 100 ... +99, below Linux's ephemeral range."""
+"""Ray ports: job J prefers the block at 10000 + (J mod 220) * 100; another job or program holding
+it moves the node to the next free block below 32000 (Linux's ephemeral range starts at 32768)."""
+PORT_FIRST, PORT_LAST = 10000, 31999
+
+EXPORTED = (
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TZ", "TMPDIR", "VIRTUAL_ENV", "PYTHONPATH",
+    "LD_LIBRARY_PATH", "CUDA_HOME", "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
+    "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM", "TORCH_EXTENSIONS_DIR", "LAUNCHER_STATE_DIR", "LAUNCHER_PORT_LOCKS",
+)
+"""The submitting environment's variables the job gets (`sbatch --export=`, besides Slurm's own
+SLURM_*): what finds the interpreter, libraries and caches. Anything else, secrets above all, stays
+out of the job and out of slurmctld's stored copy of its environment."""
 
 
 @dataclass(frozen=True)
@@ -65,11 +83,7 @@ def cpus_per_node(recipe: Recipe, profile: ClusterProfile) -> int:
 def check_fits(recipe: Recipe, profile: ClusterProfile) -> None:
     """The recipe must fit the profile's nodes."""
     r = recipe.resources
-    if r.gpus_per_node > profile.gpus_per_node:
-        raise UserError(
-            f"the recipe asks for {r.gpus_per_node} GPUs per node (resources.gpus_per_node) but the "
-            f"cluster profile's nodes have {profile.gpus_per_node} (gpus_per_node)"
-        )
+    js.check_gpus_fit(recipe, profile.gpus_per_node, "the cluster profile's nodes (gpus_per_node)")
     if profile.cpus_per_node and r.gpus_per_node == 0:
         need = math.ceil(r.cpu_workers / r.nodes) * r.cpus_per_worker
         if need > profile.cpus_per_node:
@@ -80,8 +94,11 @@ def check_fits(recipe: Recipe, profile: ClusterProfile) -> None:
             )
 
 
-def _q(value: object) -> str:
-    return shlex.quote(str(value))
+def exported_names(recipe: Recipe) -> list[str]:
+    """`--export=` of the job: EXPORTED and the variables the recipe reads (`${oc.env:...}`),
+    except those that look like secrets (the job reads those from the profile's secrets_file)."""
+    extra = [n for n in env_variables(recipe) if not SECRET_NAME.search(n)]
+    return list(dict.fromkeys([*EXPORTED, *extra]))
 
 
 def _directive(option: str, value: object) -> str:
@@ -91,26 +108,7 @@ def _directive(option: str, value: object) -> str:
     return f"#SBATCH --{option}={text}"
 
 
-def _setup_line(line: str) -> str:
-    return " ".join(_q(w) for w in shlex.split(line))
-
-
-def render_sbatch(
-    recipe: Recipe,
-    profile: ClusterProfile,
-    run_dir: str,
-    *,
-    run_id: str,
-    python: str,
-    workdir: str,
-) -> SbatchJob:
-    """The sbatch script and command-line options for `recipe` on `profile`.
-
-    `run_dir` (absolute, on the shared filesystem) holds the submitted recipe at
-    `slurm/recipe.yaml`; `python` has launcher installed on the nodes; `workdir` is where the
-    driver runs (relative data paths in the recipe are resolved there).
-    """
-    check_fits(recipe, profile)
+def _directives(recipe: Recipe, profile: ClusterProfile, run_id: str) -> list[str]:
     r = recipe.resources
     d = [
         "#!/bin/bash",
@@ -135,35 +133,53 @@ def render_sbatch(
     d.append(_directive("time", profile.time_limit))
     if profile.exclusive:
         d.append("#SBATCH --exclusive")
-    d += [
+    return d + [
         f"#SBATCH --signal=B:USR1@{int(profile.preempt_signal_lead_s)}",
         "#SBATCH --requeue",
         "#SBATCH --open-mode=append",
+        _directive("export", ",".join(exported_names(recipe))),
+    ]
+
+
+def render_sbatch(
+    recipe: Recipe,
+    profile: ClusterProfile,
+    run_dir: str,
+    *,
+    run_id: str,
+    python: str,
+    workdir: str,
+) -> SbatchJob:
+    """The sbatch script and command-line options for `recipe` on `profile`.
+
+    `run_dir` (absolute, on the shared filesystem) holds the submitted recipe at
+    `slurm/recipe.yaml`; `python` has launcher installed on the nodes; `workdir` is where the
+    driver runs (relative data paths in the recipe are resolved there).
+    """
+    check_fits(recipe, profile)
+    q = js.q
+    d = _directives(recipe, profile, run_id) + [
         "",
         "set -uo pipefail",
         "",
         "# Values from the recipe and the cluster profile, quoted.",
-        f"RUN_DIR={_q(run_dir)}",
-        f"WORKDIR={_q(workdir)}",
-        f"PY={_q(python)}",
+        f"RUN_DIR={q(run_dir)}",
+        f"WORKDIR={q(workdir)}",
+        f"PY={q(python)}",
         f"RAY_START_TIMEOUT={int(profile.ray_start_timeout_s)}",
+        f"RAY_PORT_BLOCK={block_size(cpus_per_node(recipe, profile))}",
         f"MAX_RESTARTS={int(profile.max_restarts)}",
-        f"export LAUNCHER_RUN_ID={_q(run_id)}",
+        f"EXCLUDE_NODE_AFTER={int(profile.exclude_node_after)}",
+        f"SECRETS_FILE={q(profile.secrets_file or '')}",
+        f"NET_IFACE={q(profile.network_interface or '')}",
+        f"export LAUNCHER_RUN_ID={q(run_id)}",
         "export LAUNCHER_BACKEND=slurm",
+        js.export_window(str(int(profile.preempt_signal_lead_s))),
+        "export SLURM_EXPORT_ENV=ALL   # the job's srun steps get its whole environment (Ray's token)",
     ]
-    if profile.network_interface:
-        d.append(f"NET_IFACE={_q(profile.network_interface)}")
-    else:
-        d.append("NET_IFACE=")
     for name, value in profile.env.items():
-        d.append(f"export {name}={_q(value)}")  # the profile checked that `name` is an identifier
-    d.append("")
-    d += _BODY_HEAD
-    if profile.setup:
-        d.append("# Setup lines of the cluster profile (one command each, arguments quoted).")
-        d += [_setup_line(line) for line in profile.setup]
-        d.append("")
-    d += _BODY_RAY + _BODY_DRIVER
+        d.append(f"export {name}={q(value)}")  # the profile checked that `name` is an identifier
+    d += ["", *_BODY_HEAD, *js.setup_lines(profile.setup), "", *_body_ray(), *_body_driver()]
     return SbatchJob("\n".join(d) + "\n", [f"--output={_escape_pattern(run_dir)}/{SLURM_SUBDIR}/{OUTPUT_FILE}"])
 
 
@@ -177,71 +193,114 @@ SLURM_DIR="$RUN_DIR/{SLURM_SUBDIR}"
 RECIPE_YAML="$SLURM_DIR/{RECIPE_FILE}"
 EVENTS="$SLURM_DIR/{EVENTS_FILE}"
 RESTART="${{SLURM_RESTART_COUNT:-0}}"
+export EVENTS RESTART
 
 # One JSON line per event in the run directory: what `launcher status` reads besides Slurm.
 event() {{
   printf '{{"event": "%s", "job_id": "%s", "restart": %d, "time": %s%s}}\\n' \\
     "$1" "$SLURM_JOB_ID" "$RESTART" "$(date +%s)" "${{2:-}}" >>"$EVENTS"
 }}
-event start ", \\"nodes\\": $SLURM_JOB_NUM_NODES"
+export -f event
+event start ", \\"nodes\\": $SLURM_JOB_NUM_NODES, \\"nodelist\\": \\"$SLURM_JOB_NODELIST\\""
 cd "$WORKDIR" || {{ event exit ', "code": 1'; exit 1; }}
+
+# Secrets come from a file only the user can read (secrets_file), never through sbatch: slurmctld
+# keeps a copy of what sbatch sends. NAME=value lines, taken literally (nothing is evaluated).
+SECRETS_FILE="${{SECRETS_FILE/#\\~/$HOME}}"
+if [ -n "$SECRETS_FILE" ]; then
+  if [ ! -r "$SECRETS_FILE" ]; then
+    echo "launcher: cannot read secrets_file $SECRETS_FILE on $(hostname)" >&2
+    event exit ', "code": 1, "reason": "secrets_file"'
+    exit 1
+  fi
+  while IFS= read -r line || [ -n "$line" ]; do
+    case "$line" in ''|'#'*) continue ;; esac
+    name="${{line%%=*}}"
+    [[ "$name" =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] && export "$name=${{line#*=}}"
+  done <"$SECRETS_FILE"
+  unset line name
+fi
 """.splitlines()
 
-_BODY_RAY = """\
-# The node's address on the cluster network (Ray binds to it; nothing listens on 0.0.0.0).
-node_ip() {
-  if [ -n "$NET_IFACE" ]; then
-    ip -4 -o addr show dev "$NET_IFACE" | awk '{split($4, a, "/"); print a[1]; exit}'
-  else
-    hostname -I | awk '{print $1}'
-  fi
-}
-export -f node_ip
-export NET_IFACE
 
-# Ray: the head on the first node, one worker on each other node, all started through srun.
-# Ports come from the job id, so that jobs sharing a node do not collide; no dashboard; a token
-# that lives only in this job's environment (RAY_AUTH_TOKEN) guards the cluster.
-HEAD_NODE="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+def _body_ray() -> list[str]:
+    worker_ports = js.ray_ports("base").replace("\n", "\n  ")
+    text = f"""\
+# The node's address on the cluster network (Ray binds to it; nothing listens on 0.0.0.0), and
+# its interface, which gloo binds to (not what the host name resolves to: often 127.0.0.1).
+node_ip() {{
+  if [ -n "$NET_IFACE" ]; then
+    ip -4 -o addr show dev "$NET_IFACE" | awk '{{split($4, a, "/"); print a[1]; exit}}'
+  else
+    hostname -I | awk '{{print $1}}'
+  fi
+}}
+node_iface() {{
+  ip -4 -o addr show | awk -v ip="$(node_ip)" '{{split($4, a, "/"); if (a[1] == ip) {{print $2; exit}}}}'
+}}
+{js.RESERVE_PORTS}
+
+# ray_node head|worker, in an srun step on its node: this node's own block of ports (the head's
+# was reserved by the batch shell on the same node), then Ray, bound to the node's address.
+ray_node() {{
+  local ip base
+  ip="$(node_ip)"
+  export GLOO_SOCKET_IFNAME="${{GLOO_SOCKET_IFNAME:-$(node_iface)}}"
+  if [ "$1" = head ]; then
+    base="$PORT_BASE"
+  else
+    local deadline=$((SECONDS + RAY_START_TIMEOUT))
+    until "$PY" -c 'import socket, sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), 3)' "$HEAD_IP" "$PORT_BASE" 2>/dev/null; do
+      [ "$SECONDS" -lt "$deadline" ] || {{ echo "launcher: no Ray head at $RAY_ADDRESS_JOB" >&2; exit 1; }}
+      sleep 1
+    done
+    base="$(reserve_ports "$ip" {PORT_FIRST} {PORT_LAST} "$PORT_BASE")" || exit 1
+    event ray_ports ", \\"node\\": \\"$SLURMD_NODENAME\\", \\"ip\\": \\"$ip\\", \\"base\\": $base"
+  fi
+  {worker_ports}
+  if [ "$1" = head ]; then
+    exec {js.ray_start("head", "$base")} --node-ip-address="$ip"
+  fi
+  exec {js.ray_start("worker", "")} --node-ip-address="$ip"
+}}
+export -f node_ip node_iface reserve_ports ray_node
+export NET_IFACE PY RAY_START_TIMEOUT RAY_PORT_BLOCK
+
+# Ray: the head on this (the first) node, one srun step per other node, so that a node lost
+# mid-run is known by name. Ports: a block each node reserves and probes for itself, starting
+# at the job id's slot; no dashboard; a token that lives only in this job's environment.
+NODES=($(scontrol show hostnames "$SLURM_JOB_NODELIST"))
+HEAD_NODE="${{NODES[0]}}"
 HEAD_IP="$(node_ip)"
 if [ -z "$HEAD_IP" ]; then
-  echo "launcher: no IPv4 address for Ray on $(hostname) (network_interface: ${NET_IFACE:-none})" >&2
+  echo "launcher: no IPv4 address for Ray on $(hostname) (network_interface: ${{NET_IFACE:-none}})" >&2
   event exit ', "code": 1, "reason": "no address"'
   exit 1
 fi
-PORT_BASE=$((10000 + (SLURM_JOB_ID % %(slots)d) * 100))
+if ! PORT_BASE="$(reserve_ports "$HEAD_IP" {PORT_FIRST} {PORT_LAST} $(({PORT_FIRST} + (SLURM_JOB_ID % {PORT_SLOTS}) * 100)))"; then
+  event exit ', "code": 1, "reason": "ports"'
+  exit 1
+fi
+event ray_ports ", \\"node\\": \\"$HEAD_NODE\\", \\"ip\\": \\"$HEAD_IP\\", \\"base\\": $PORT_BASE"
 RAY_ADDRESS_JOB="$HEAD_IP:$PORT_BASE"
-export RAY_AUTH_MODE=token
+export HEAD_IP PORT_BASE RAY_ADDRESS_JOB
+{js.RAY_ENV}
 RAY_AUTH_TOKEN="$(od -An -N32 -tx1 /dev/urandom | tr -d ' \\n')"
 export RAY_AUTH_TOKEN
-export RAY_USAGE_STATS_ENABLED=0
-RAY_PORTS=(
-  --node-manager-port=$((PORT_BASE + 1)) --object-manager-port=$((PORT_BASE + 2))
-  --ray-client-server-port=$((PORT_BASE + 3)) --dashboard-agent-grpc-port=$((PORT_BASE + 4))
-  --dashboard-agent-listen-port=$((PORT_BASE + 5)) --metrics-export-port=$((PORT_BASE + 6))
-  --runtime-env-agent-port=$((PORT_BASE + 7))
-  --min-worker-port=$((PORT_BASE + 10)) --max-worker-port=$((PORT_BASE + 99))
-)
-RAY_CPUS="${SLURM_CPUS_PER_TASK:-1}"
-srun --overlap --nodes=1 --ntasks=1 --nodelist="$HEAD_NODE" \\
-  bash -c 'exec "$@" --node-ip-address="$(node_ip)"' ray-head \\
-  "$PY" -m ray.scripts.scripts start --head --block --port="$PORT_BASE" --include-dashboard=false \\
-  --disable-usage-stats --num-cpus="$RAY_CPUS" "${RAY_PORTS[@]}" &
+export RAY_CPUS="${{SLURM_CPUS_PER_TASK:-1}}"
+srun --overlap --nodes=1 --ntasks=1 --nodelist="$HEAD_NODE" bash -c 'ray_node head' &
 RAY_PIDS=($!)
-if [ "$SLURM_JOB_NUM_NODES" -gt 1 ]; then
-  sleep 5
-  srun --overlap --nodes=$((SLURM_JOB_NUM_NODES - 1)) --ntasks=$((SLURM_JOB_NUM_NODES - 1)) \\
-    --ntasks-per-node=1 --exclude="$HEAD_NODE" \\
-    bash -c 'exec "$@" --node-ip-address="$(node_ip)"' ray-worker \\
-    "$PY" -m ray.scripts.scripts start --address="$RAY_ADDRESS_JOB" --block \\
-    --disable-usage-stats --num-cpus="$RAY_CPUS" "${RAY_PORTS[@]}" &
+declare -A WORKER_PID=()
+for node in "${{NODES[@]:1}}"; do
+  srun --overlap --nodes=1 --ntasks=1 --nodelist="$node" bash -c 'ray_node worker' &
+  WORKER_PID[$node]=$!
   RAY_PIDS+=($!)
-fi
+done
 
-stop_ray() {
-  kill -TERM "${RAY_PIDS[@]}" 2>/dev/null
-  wait "${RAY_PIDS[@]}" 2>/dev/null
-}
+stop_ray() {{
+  kill -TERM "${{RAY_PIDS[@]}}" 2>/dev/null
+  wait "${{RAY_PIDS[@]}}" 2>/dev/null
+}}
 
 if ! "$PY" -m launcher.backends.slurm.wait_ray "$RAY_ADDRESS_JOB" "$SLURM_JOB_NUM_NODES" "$RAY_START_TIMEOUT"; then
   event exit ', "code": 1, "reason": "ray"'
@@ -249,36 +308,43 @@ if ! "$PY" -m launcher.backends.slurm.wait_ray "$RAY_ADDRESS_JOB" "$SLURM_JOB_NU
   exit 1
 fi
 event ray_ready
-""".replace("%(slots)d", str(PORT_SLOTS)).splitlines()
+"""
+    return text.splitlines()
 
-_BODY_DRIVER = f"""\
+
+def _body_driver() -> list[str]:
+    text = f"""\
 
 # The driver runs on this (the first) node, in the background so that the batch shell can
 # forward Slurm's warning signal (USR1, --signal=B:USR1@lead) and TERM to it.
 "$PY" -m launcher run "$RECIPE_YAML" --run-dir "$RUN_DIR" --ray-address "$RAY_ADDRESS_JOB" &
 DRIVER=$!
-forward() {{
-  event signal ", \\"signal\\": \\"$1\\""
-  kill -s "$1" "$DRIVER" 2>/dev/null
-}}
-trap 'forward USR1' USR1
-trap 'forward TERM' TERM
-CODE=0
-while :; do
-  wait "$DRIVER"
-  CODE=$?
-  kill -0 "$DRIVER" 2>/dev/null || break   # a trapped signal interrupted `wait`: wait again
-done
-if [ "$CODE" -gt 128 ]; then  # the driver ended while a signal was being handled
-  wait "$DRIVER" 2>/dev/null
-  LAST=$?
-  [ "$LAST" -ne 127 ] && CODE=$LAST
-fi
-trap - USR1 TERM
+signalled() {{ event signal ", \\"signal\\": \\"$1\\""; }}
+{js.forward_and_wait("signalled")}
 event exit ", \\"code\\": $CODE"
+
+# A Ray worker step that ended before the driver did: its node was lost (crashed, cut off).
+LOST=()
+for node in "${{!WORKER_PID[@]}}"; do
+  if ! kill -0 "${{WORKER_PID[$node]}}" 2>/dev/null; then
+    LOST+=("$node")
+    event node_failed ", \\"node\\": \\"$node\\""
+  fi
+done
 stop_ray
 
-if [ "$CODE" -eq {EXIT_PREEMPTED} ]; then
+# Nodes that failed EXCLUDE_NODE_AFTER times (over all restarts) are left out of the next allocation.
+exclude_failed_nodes() {{
+  local bad
+  bad="$(grep -o '"event": "node_failed".*"node": "[^"]*"' "$EVENTS" | sed 's/.*"node": "//; s/"$//' \\
+    | sort | uniq -c | awk -v n="$EXCLUDE_NODE_AFTER" 'n > 0 && $1 >= n {{print $2}}' | paste -sd, -)"
+  if [ -n "$bad" ]; then
+    event exclude ", \\"nodes\\": \\"$bad\\""
+    scontrol update JobId="$SLURM_JOB_ID" ExcNodeList="$bad"
+  fi
+}}
+
+if [ "$CODE" -eq {EXIT_PREEMPTED} ] || {{ [ "$CODE" -ne 0 ] && [ "${{#LOST[@]}}" -gt 0 ]; }}; then
   STATE="$(squeue -h -j "$SLURM_JOB_ID" -o %T 2>/dev/null)"
   if [ -e "$SLURM_DIR/{CANCEL_FILE}" ]; then
     event cancelled
@@ -287,10 +353,12 @@ if [ "$CODE" -eq {EXIT_PREEMPTED} ]; then
   elif [ "$STATE" != RUNNING ] && [ -n "$STATE" ]; then
     event not_requeued ", \\"state\\": \\"$STATE\\""   # cancelled or ended by Slurm itself
   else
+    exclude_failed_nodes
     event requeue
     scontrol requeue "$SLURM_JOB_ID" && exit 0
     event requeue_failed
   fi
 fi
 exit "$CODE"
-""".splitlines()
+"""
+    return text.splitlines()

@@ -90,6 +90,7 @@ def submit(
     from launcher.runtime.job import check_run_dir
 
     check_run_dir(sub.run_dir)
+    check_secrets_file(profile)
     if (sub.run_dir / SLURM_SUBDIR / SCRIPT_FILE).exists():
         raise UserError(f"{sub.run_dir} was already submitted: choose another --run-dir")
     slurm_dir = sub.run_dir / SLURM_SUBDIR
@@ -125,6 +126,19 @@ def submit(
         detail=f"submitted as Slurm job {sub.job_id}",
     )
     return sub
+
+
+def check_secrets_file(profile: ClusterProfile) -> None:
+    """The profile's secrets_file exists and only its owner can read it."""
+    if not profile.secrets_file:
+        return
+    path = Path(os.path.expanduser(profile.secrets_file))
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        raise UserError(f"secrets_file {path}: {e.strerror}; create it with NAME=value lines, mode 600") from None
+    if mode & 0o077:
+        raise UserError(f"secrets_file {path}: readable by others; run `chmod 600 {path}`")
 
 
 def read_events(run_dir: str | Path) -> list[dict[str, Any]]:
