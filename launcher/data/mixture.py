@@ -52,6 +52,15 @@ class MixedSplit:
                 self._extra.append(np.sort(rng.choice(size, rest, replace=False)) if rest else np.zeros(0, np.int64))
         return self._extra
 
+    def label_tokens(self) -> int:
+        """Tokens with a label over the mixture's places (a source's mean per example, times
+        its places)."""
+        total = 0.0
+        for part, count in zip(self.parts, self.counts):
+            if len(part):
+                total += part.label_tokens() * count / len(part)
+        return round(total)
+
     def source_of(self, i: int) -> tuple[int, int]:
         """(source, example within it) at mixture place `i`."""
         s = int(np.searchsorted(self.ends, i, side="right"))

@@ -1,19 +1,19 @@
 """The recipe's data, end to end: rows -> validated items -> token examples, train and eval.
 
-Everything is held in plain Python lists of ints: the data sets this project trains on in demos
-and tests are small. Real-scale corpora (streamed, tokenized lazily, sharded per rank) are future
-work.
+Everything is held in plain Python lists of ints: this is the reference path (tests, the parity
+harness, a worker started without prepared data). `launcher run` and `launcher data prepare` use
+prepare.py, which writes exactly these examples to memory-mapped files, batch by batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import random
 from dataclasses import dataclass
 
 from launcher.data import formats, packing
 from launcher.data.chat import render, strip_bos
 from launcher.data.formats import IGNORE_INDEX, Counts, Item
+from launcher.data.holdout import by_sequences, held_out
 from launcher.data.sources import Row, load_files, load_train_rows
 from launcher.errors import DataError
 from launcher.recipe.sections import Recipe
@@ -42,16 +42,26 @@ class DataSplits:
 def split_rows(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], list[Row]]:
     """Hold out `fraction` of the rows (at least one), chosen by `seed`, before tokenizing, so
     an eval row never shares a packed sequence or a tokenization decision with training."""
-    n_eval = max(1, round(len(rows) * fraction))
-    if n_eval >= len(rows):
+    picked = held_out(len(rows), fraction, seed)
+    if len(picked) >= len(rows):
         raise DataError(
             f"data.eval_fraction: {len(rows)} rows are too few to hold out {fraction}: lower it, "
             "or give separate eval files in data.eval_path"
         )
-    picked = set(random.Random(seed).sample(range(len(rows)), n_eval))
+    picked = set(picked)
     train = [r for i, r in enumerate(rows) if i not in picked]
     held = [r for i, r in enumerate(rows) if i in picked]
     return train, held
+
+
+def _split_sequences(examples: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Text with too few documents to hold out whole ones: hold out sequences instead."""
+    if len(examples) < 2:
+        raise DataError(f"data.eval_fraction: {len(examples)} sequence(s) are too few to hold out "
+                        "evaluation data: give more data, or set data.eval_fraction=0")
+    picked = set(held_out(len(examples), fraction, seed))
+    return ([e for i, e in enumerate(examples) if i not in picked],
+            [e for i, e in enumerate(examples) if i in picked])
 
 
 def _examples(items: list[Item], recipe: Recipe, tokenizer, counts: Counts) -> list[dict]:
@@ -74,7 +84,7 @@ def build_datasets(recipe: Recipe, tokenizer) -> DataSplits:
     if data.eval_path:
         eval_rows, eval_unparsable = load_files(data.eval_path, "data.eval_path", data)
         unparsable += eval_unparsable
-    elif data.eval_fraction:
+    elif data.eval_fraction and not by_sequences(data, len(rows)):
         rows, eval_rows = split_rows(rows, data.eval_fraction, recipe.train.seed)
     counts.skipped_malformed += unparsable
     counts.rows += unparsable
@@ -83,6 +93,8 @@ def build_datasets(recipe: Recipe, tokenizer) -> DataSplits:
     eval_items = formats.normalize(eval_rows, data, counts)
     train = _examples(train_items, recipe, tokenizer, counts)
     evaluation = _examples(eval_items, recipe, tokenizer, counts)
+    if data.eval_fraction and by_sequences(data, len(rows)):
+        train, evaluation = _split_sequences(train, data.eval_fraction, recipe.train.seed)
     if not train:
         raise DataError(
             f"no training examples left out of {counts.rows} rows ({counts.skipped_malformed} "

@@ -25,6 +25,7 @@ import numpy as np
 
 from launcher.data import cache, encode, formats
 from launcher.data.formats import Counts
+from launcher.data.holdout import by_sequences, held_out
 from launcher.data.mixture import MixedSplit, mixture_counts
 from launcher.data.store import PreparedSplit, SplitWriter, write_json
 from launcher.data.writer import write_split
@@ -115,21 +116,6 @@ def fingerprint_inputs(plan: SourcePlan, seed: int, tokenizer: Any) -> dict[str,
     }  # fmt: skip
 
 
-def held_out(n: int, fraction: float, seed: int) -> list[int]:
-    """Sorted indices of the `fraction` of `n` rows held out for evaluation (at least one),
-    chosen by `seed`: the same choice as pipeline.split_rows."""
-    import random
-
-    n_eval = max(1, round(n * fraction))
-    return sorted(random.Random(seed).sample(range(n), n_eval))
-
-
-def by_sequences(data: DataConfig, rows: int) -> bool:
-    """Hold out evaluation sequences instead of rows: text with too few documents to hold out
-    whole ones (fewer than one at `eval_fraction`)."""
-    return bool(data.eval_fraction) and data.format == "text" and rows * data.eval_fraction < 1
-
-
 def prepare_source(plan: SourcePlan, recipe: Recipe, tokenizer: Any, progress: Progress | None = None) -> Prepared:
     """The prepared data set of `plan`: from the cache, or prepared now and committed."""
     root = cache.cache_root(recipe.data.cache_dir)
@@ -200,7 +186,8 @@ def _build(plan: SourcePlan, recipe: Recipe, tokenizer: Any, stage: Path, progre
         train_mask[eval_idx] = False
         np.save(stage / "train_index.npy", np.flatnonzero(train_mask).astype(np.int64))
         np.save(stage / "eval_index.npy", eval_idx)
-    prompts = _eval_prompts(eval_ds, plan, tokenizer, names) if d.format != "text" and eval_ds is not None else []
+    held = ds if plan.eval_only else eval_ds  # an eval_path data set is all evaluation
+    prompts = _eval_prompts(held, plan, tokenizer, names) if d.format != "text" and held is not None else []
     write_json(stage / "eval_prompts.json", prompts)
     shutil.rmtree(hf_cache, ignore_errors=True)
     stats = dataclasses.asdict(counts) | {
@@ -344,7 +331,7 @@ def prepare_datasets(recipe: Recipe, tokenizer: Any, progress: Progress | None =
         )
     stats = dataclasses.asdict(counts) | {
         "train_examples": len(train), "eval_examples": len(evaluation) if evaluation is not None else 0,
-        "train_tokens": sum(p.manifest["stats"]["train_tokens"] for plan, p in zip(plans, prepared) if not plan.eval_only),
+        "train_tokens": train.label_tokens(),
         "prepared": [{"source": plan.key, "path": str(p.path), "cache_hit": p.cache_hit} for plan, p in zip(plans, prepared)],
     }  # fmt: skip
     return DataSplits(train=train, eval=evaluation if evaluation is not None else [],

@@ -173,6 +173,15 @@ class PreparedSplit:
             positions = (steps - last_restart).tolist()
         return {"input_ids": ids.tolist(), "labels": labels.tolist(), "position_ids": positions}
 
+    def label_tokens(self) -> int:
+        """Tokens with a label in the examples of this view."""
+        if self.index is None:
+            return int(self.info["label_tokens"])
+        _, flags, offsets = self._open()
+        counts = np.add.reduceat((flags & LABEL).astype(np.int64), offsets[:-1]) if len(flags) else []
+        sizes = np.diff(offsets)
+        return int(np.where(sizes > 0, counts, 0)[self.index].sum()) if len(flags) else 0
+
     def lengths(self) -> np.ndarray:
         """Tokens of every example of the view."""
         offsets = self._open()[2]
