@@ -16,11 +16,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def train_ranks(recipe: dict, run_dir: Path, *, world: int, timeout: float = 600, stop: bool = False) -> None:
+def train_ranks(recipe: dict, run_dir: Path, *, world: int, timeout: float = 600, stop: bool = False,
+                patch: str | None = None) -> None:
     """Train `recipe` (a dict) with `world` ranks into `run_dir` (resuming from its newest
     checkpoint, if any); raise with the failing rank's log tail. `stop`: a stop request (what the
     driver writes on SIGTERM) is there from the start, so every rank stops after step 1 of this
-    leg, saves and returns; without, a leftover request is cleared first (as the driver does)."""
+    leg, saves and returns; without, a leftover request is cleared first (as the driver does).
+    `patch`: "module:function" (a module of tests/) that each rank calls before training."""
     from launcher.checkpoint import preempt
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -37,7 +39,8 @@ def train_ranks(recipe: dict, run_dir: Path, *, world: int, timeout: float = 600
     for rank in range(world):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+               "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
+               **({"TRAIN_SPAWN_PATCH": patch} if patch else {})}
         log = open(run_dir / f"spawn-rank-{rank}.log", "w")
         procs.append(subprocess.Popen([sys.executable, __file__, str(run_dir)], env=env, cwd=ROOT,
                                       stdout=log, stderr=subprocess.STDOUT))
@@ -57,6 +60,16 @@ def train_ranks(recipe: dict, run_dir: Path, *, world: int, timeout: float = 600
 
 def _worker(run_dir: Path) -> None:
     from launcher.recipe import from_dict
+
+    # A test may change the worker before training (an injected fault, a slow export): the
+    # named function, "module:function" importable from tests/, is called first.
+    patch = os.environ.get("TRAIN_SPAWN_PATCH")
+    if patch:
+        import importlib
+
+        sys.path.insert(0, str(ROOT / "tests"))
+        module, func = patch.split(":")
+        getattr(importlib.import_module(module), func)()
     from launcher.runtime.train_loop import train
 
     recipe = from_dict(json.loads((run_dir / "recipe.json").read_text()))

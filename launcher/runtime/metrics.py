@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,9 @@ class MetricsWriter:
             )
 
     def log(self, record: dict[str, Any]) -> None:
+        # A diverged loss is inf or nan: written as null, so that the file stays strict JSON
+        # (Python's json writes Infinity, which other readers refuse)
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         self._file.write(json.dumps(record) + "\n")
         step = record.get("step", 0)
         prefix = "eval/" if record.get("eval") else "train/"
