@@ -42,3 +42,18 @@ def test_a_hub_id_is_not_taken_for_a_missing_local_directory(monkeypatch):
             r".* run `hf download nobody/no-such-model`")
     with pytest.raises(RecipeError, match=want):
         model_config(ModelConfig(name_or_path="nobody/no-such-model", dtype="fp32"), tok)
+
+
+def test_build_model_checkpoints_and_chunks_the_loss_as_the_recipe_says():
+    """model.activation_checkpointing reaches the decoder layers; train.chunked_loss the forward."""
+    d = tiny_recipe_dict()
+    d["model"]["activation_checkpointing"] = "selective"
+    r = from_dict(d)
+    tok = build_tokenizer(r.tokenizer, None)
+    model = build_model(r.model, tok, seed=0, chunked_loss=r.train.chunked_loss)
+    layers = model.model.layers
+    assert all(layer.gradient_checkpointing for layer in layers)
+    assert "context_fn" in layers[0]._gradient_checkpointing_func.keywords  # selective's policy
+    assert model.launcher_chunked_loss == 1024
+    plain = build_model(from_dict(tiny_recipe_dict()).model, tok, seed=0)
+    assert not plain.is_activation_checkpointing and not hasattr(plain, "launcher_chunked_loss")

@@ -350,6 +350,12 @@ class TrainConfig:
     eval_batches: int = 8
     """Micro-batches per evaluation."""
 
+    chunked_loss: int = 1024
+    """Tokens per chunk of the language-model head and cross-entropy: the logits (upcast to fp32) of
+    that many tokens exist at a time, not the whole micro-batch's, and are recomputed in the
+    backward pass; the loss and gradients are the same. 0 computes all logits at once. Models with
+    final logit softcapping (Gemma 2) always use the unchunked loss."""
+
     def __post_init__(self) -> None:
         _require(
             (self.max_steps is None) != (self.epochs is None),
@@ -374,6 +380,7 @@ class TrainConfig:
         _require(self.max_grad_norm >= 0, "train.max_grad_norm", "must be 0 or more")
         _require(self.eval_every >= 0, "train.eval_every", "must be 0 or more")
         _require(self.eval_batches >= 1, "train.eval_batches", "must be at least 1")
+        _require(self.chunked_loss >= 0, "train.chunked_loss", "must be 0 (off) or a number of tokens, e.g. 1024")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -8,6 +8,7 @@ import torch
 
 from launcher.errors import RecipeError
 from launcher.recipe.sections import ModelConfig
+from launcher.runtime.chunked_loss import enable_chunked_loss
 from launcher.runtime.recompute import apply_activation_checkpointing
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -44,9 +45,11 @@ def model_config(cfg: ModelConfig, tokenizer: Any) -> Any:
     return config
 
 
-def build_model(cfg: ModelConfig, tokenizer: Any, *, seed: int) -> torch.nn.Module:
+def build_model(cfg: ModelConfig, tokenizer: Any, *, seed: int, chunked_loss: int = 0) -> torch.nn.Module:
     """Instantiate the model. Under ZeRO-3 the caller keeps an `HfDeepSpeedConfig` alive, so
-    transformers builds it inside `deepspeed.zero.Init` and no rank holds the full model."""
+    transformers builds it inside `deepspeed.zero.Init` and no rank holds the full model.
+    `chunked_loss` (`train.chunked_loss`): tokens per chunk of the loss that `model(**batch)`
+    returns when given labels (see `launcher.runtime.chunked_loss`); 0 keeps transformers' own."""
     from transformers import AutoModelForCausalLM
 
     from launcher.pretrained import source
@@ -64,7 +67,7 @@ def build_model(cfg: ModelConfig, tokenizer: Any, *, seed: int) -> torch.nn.Modu
     # Training never needs a KV cache, and with one transformers skips packed-sequence detection:
     # packed documents would attend to each other. Generation asks for the cache explicitly.
     model.config.use_cache = False
-    return model
+    return enable_chunked_loss(model, chunked_loss)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
