@@ -21,7 +21,9 @@ class TemplateRowError(ValueError):
     """The chat template refused a row (e.g. roles that do not alternate)."""
 
 
-def render(tokenizer, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
+def render(
+    tokenizer, messages: list[dict], *, add_generation_prompt: bool = False, tools: list[dict] | None = None
+) -> str:
     if tokenizer.chat_template is None:
         raise DataError(
             "the tokenizer has no chat template, which data.format=chat/sharegpt needs: use a "
@@ -30,8 +32,9 @@ def render(tokenizer, messages: list[dict], *, add_generation_prompt: bool = Fal
     if not messages:  # transformers refuses to render an empty conversation
         raise TemplateRowError("cannot render a conversation without messages")
     try:
+        kwargs = {"tools": tools} if tools else {}  # some templates treat tools=None differently
         return tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
         )
     except TemplateError as e:
         raise TemplateRowError(f"the chat template rejects this conversation: {e}") from None
@@ -68,20 +71,23 @@ def _find_turns(tokenizer, full: str, messages: list[dict]) -> list[Span]:
     return spans
 
 
-def render_with_spans(tokenizer, messages: list[dict]) -> tuple[str, list[Span]]:
-    """The whole conversation's text and the character spans of its assistant turns."""
-    full = render(tokenizer, messages)
+def render_with_spans(
+    tokenizer, messages: list[dict], tools: list[dict] | None = None
+) -> tuple[str, list[Span]]:
+    """The whole conversation's text and the character spans of its assistant turns (answers
+    and tool calls alike; tool results are not assistant turns)."""
+    full = render(tokenizer, messages, tools=tools)
     spans: list[Span] = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
         try:
-            before = render(tokenizer, messages[:i], add_generation_prompt=True)
+            before = render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
         except TemplateRowError:
             if i:
                 raise
             before = ""  # a conversation opening with the assistant: no prompt to render
-        through = render(tokenizer, messages[: i + 1])
+        through = render(tokenizer, messages[: i + 1], tools=tools)
         if not (full.startswith(through) and through.startswith(before)):
             return full, _find_turns(tokenizer, full, messages)
         spans.append((len(before), len(through)))

@@ -9,6 +9,7 @@ generation time reproduces the training prefix.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,8 +23,11 @@ IGNORE_INDEX = -100
 """Label of tokens without loss (the value transformers' loss functions skip)."""
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-         "model": "assistant", "system": "system"}  # fmt: skip
-"""Accepted speaker names (ShareGPT's and OpenAI's spellings) -> chat template roles."""
+         "model": "assistant", "system": "system", "function_call": "assistant",
+         "observation": "tool", "tool": "tool"}  # fmt: skip
+"""Accepted speaker names (ShareGPT's, LLaMA-Factory's and OpenAI's spellings) -> chat template
+roles. A sharegpt `function_call` turn is an assistant turn calling a tool (its value the JSON
+`{"name", "arguments"}`), an `observation` the tool's answer."""
 
 
 class RowError(ValueError):
@@ -85,6 +89,8 @@ class Item:
     response: str = ""
     messages: list[dict] = field(default_factory=list)
     text: str = ""
+    tools: list[dict] | None = None
+    """Tool definitions (JSON schemas) handed to the chat template with `tools=`."""
 
 
 def adds_bos(tokenizer) -> bool:
@@ -127,8 +133,51 @@ def _first(d: dict, *keys: str) -> Any:
     return next((d[k] for k in keys if d.get(k) is not None), None)
 
 
+def _drop_none(value: Any) -> Any:
+    """Arrow gives every struct in a column every key seen in any row (filled with None): a tool
+    call's arguments or a tool's schema would render keys it never had."""
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+def _json_field(value: Any, what: str) -> Any:
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as e:
+            raise RowError(f"{what} is not valid JSON ({e.msg})") from None
+    return value
+
+
+def _tool_calls(turn: dict, n: int, content: Any, speaker: str) -> list[dict] | None:
+    """An assistant turn's tool calls: chat `tool_calls`, or a sharegpt `function_call` value."""
+    if speaker == "function_call":
+        call = _json_field(content, f"turn {n} (function_call)")
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            raise RowError(f'turn {n} (function_call) must hold {{"name": ..., "arguments": {{...}}}}')
+        calls = [call]
+    else:
+        calls = turn.get("tool_calls")
+        if not calls:
+            return None
+        if not isinstance(calls, list):
+            raise RowError(f"turn {n}: 'tool_calls' must be a list")
+    out = []
+    for call in calls:
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise RowError(f"turn {n}: a tool call needs a function 'name'")
+        args = _json_field(fn.get("arguments") or {}, f"turn {n}: the arguments of {fn['name']}")
+        out.append({"type": "function", "function": {"name": fn["name"], "arguments": _drop_none(args)}})
+    return out
+
+
 def _messages(row: dict) -> list[dict]:
-    """ShareGPT `conversations` of `{from, value}` or chat `messages` of `{role, content}`."""
+    """ShareGPT `conversations` of `{from, value}` or chat `messages` of `{role, content}`, tool
+    calls and tool results included."""
     turns = _first(row, "conversations", "messages")
     if not isinstance(turns, list) or not turns:
         raise RowError("needs a non-empty list 'conversations' (or 'messages')")
@@ -142,12 +191,29 @@ def _messages(row: dict) -> list[dict]:
         speaker, content = _first(turn, "from", "role"), _first(turn, "value", "content")
         if speaker not in ROLES:
             raise RowError(f"turn {n} has speaker {speaker!r}; use one of {', '.join(ROLES)}")
-        if not isinstance(content, str):
+        calls = _tool_calls(turn, n, content, speaker)
+        if speaker == "function_call":
+            content = ""
+        if not isinstance(content, str) and not (calls and content is None):
             raise RowError(f"turn {n} needs a string 'value' (or 'content')")
-        messages.append({"role": ROLES[speaker], "content": content})
+        message = {"role": ROLES[speaker], "content": content or ""}
+        if calls:
+            message["tool_calls"] = calls
+        if message["role"] == "tool" and turn.get("name"):
+            message["name"] = turn["name"]
+        messages.append(message)
     if not any(m["role"] == "assistant" for m in messages):
         raise RowError("has no assistant (gpt) turn to learn from")
     return messages
+
+
+def _tools(row: dict) -> list[dict] | None:
+    tools = _json_field(row.get("tools"), "field 'tools'")
+    if tools in (None, "", []):
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise RowError("field 'tools' must be a list of tool definitions (JSON objects)")
+    return _drop_none(tools)
 
 
 def _validate(row: Row, data: DataConfig) -> Item:
@@ -158,7 +224,7 @@ def _validate(row: Row, data: DataConfig) -> Item:
             return _alpaca(row, data)
         if data.format == "text":
             return Item(row=row, text=_field(row.data, "text"))
-        return Item(row=row, messages=_messages(row.data))
+        return Item(row=row, messages=_messages(row.data), tools=_tools(row.data))
     except RowError as e:
         raise RowError(str(e), guess_format(row.data, data.format)) from None
 
@@ -234,7 +300,7 @@ def _encode_chat(items: list[Item], tokenizer, data: DataConfig, counts: Counts)
     texts, spans = [], []
     for item in items:
         try:
-            full, turn_spans = render_with_spans(tokenizer, item.messages)
+            full, turn_spans = render_with_spans(tokenizer, item.messages, item.tools)
         except TemplateRowError as e:
             _malformed(item.row, str(e), data, counts)
             continue
@@ -288,7 +354,7 @@ def generation_prompt(item: Item, tokenizer, data: DataConfig) -> dict[str, Any]
         return {"prompt": item.prompt, "expected": item.response}
     last = max(i for i, m in enumerate(item.messages) if m["role"] == "assistant")
     try:
-        text = render(tokenizer, item.messages[:last], add_generation_prompt=True)
+        text = render(tokenizer, item.messages[:last], add_generation_prompt=True, tools=item.tools)
     except TemplateRowError:
         return None  # e.g. a template that cannot render a conversation without a user turn
     return {

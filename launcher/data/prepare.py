@@ -65,22 +65,22 @@ Progress = Callable[[dict[str, Any]], None]
 
 def plan_sources(data: DataConfig) -> list[SourcePlan]:
     """The data sets `data` names, each as a single-source DataConfig (`sources` cleared)."""
-    base = dataclasses.replace(data, sources=[], eval_path=[])
     if not data.sources:
         key = "data.path" if data.path else "data.hub" if data.hub else "data.synthetic"
-        plans = [SourcePlan(key, base)]
+        plans = [SourcePlan(key, dataclasses.replace(data, eval_path=[]))]
     else:
         plans = []
         for i, s in enumerate(data.sources):
             key = f"data.sources[{i}]." + ("path" if s.path else "hub" if s.hub else "synthetic")
             view = dataclasses.replace(
-                base, path=s.path, hub=s.hub, hub_config=s.hub_config, hub_revision=s.hub_revision,
+                data, sources=[], eval_path=[], path=s.path, hub=s.hub, hub_config=s.hub_config, hub_revision=s.hub_revision,
                 hub_split=s.split, streaming=s.streaming, synthetic=s.synthetic,
                 format=s.format or data.format, sample_by=s.sample_by or data.sample_by,
             )
             plans.append(SourcePlan(key, view, dict(s.columns), dict(s.roles), s.weight, s.epochs))
     if data.eval_path:
-        view = dataclasses.replace(base, path=data.eval_path, hub=None, synthetic=None, eval_fraction=0.0)
+        view = dataclasses.replace(data, sources=[], eval_path=[], path=data.eval_path, hub=None, synthetic=None,
+                                   streaming=False, eval_fraction=0.0)
         plans.append(SourcePlan("data.eval_path", view, eval_only=True))
     return plans
 

@@ -24,13 +24,20 @@ BYTES_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
 # Everything is emitted from {{ }} expressions: transformers renders with trim_blocks, which would
 # eat a literal newline after a {% %} tag, and whitespace control would eat the content's own.
 BYTES_CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] }}"
+    "{% if tools %}{{ '<|system|>\n# Tools\n' }}{% for t in tools %}{{ (t | tojson) + '\n' }}{% endfor %}{% endif %}"
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + (m['content'] or '') }}"
+    "{% if m['tool_calls'] is defined and m['tool_calls'] %}{% for c in m['tool_calls'] %}"
+    "{{ '<tool_call>' + (c['function'] | tojson) + '</tool_call>' }}{% endfor %}{% endif %}"
     "{% if m['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '\n' }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
-"""`<|user|>\\n{content}\\n<|assistant|>\\n{content}</s>`. Nothing follows an assistant's `</s>`, so
+"""`<|user|>\n{content}\n<|assistant|>\n{content}</s>`. Nothing follows an assistant's `</s>`, so
 rendering messages[:k] with a generation prompt is an exact prefix of rendering messages[:k+1], and
-an assistant turn's tokens are exactly its content plus eos (what the loss is computed on)."""
+an assistant turn's tokens are exactly its content plus eos (what the loss is computed on).
+Tools: a `<|system|>` block listing each tool's JSON first; an assistant's tool calls follow its
+content as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (inside the turn, so they
+are learned); a tool's result is a `<|tool|>` turn (written as plain bytes, not a special
+token; not learned)."""
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -56,16 +56,16 @@ def _check_layout(r: Recipe) -> None:
 
 def _check_data(r: Recipe) -> None:
     task, fmt = r.train.task, r.data.format
-    synthetic = r.data.synthetic
-    if synthetic is not None:
-        from launcher.data.synthetic import TEXT_TASKS
-
-        made = "text" if synthetic.task in TEXT_TASKS else "alpaca"
-        if fmt != made:
+    _check_synthetic(r.data.synthetic, fmt, "data")
+    for i, s in enumerate(r.data.sources):
+        key = f"data.sources[{i}]"
+        _check_synthetic(s.synthetic, s.format or fmt, key)
+        made = s.format or fmt
+        if (made == "text") != (fmt == "text"):
             raise RecipeError(
-                "data.format",
-                f"data.synthetic.task={synthetic.task} generates {made} rows: set data.format={made}"
-                + (", or data.synthetic.task=stories (text, for pretraining)" if fmt == "text" else ""),
+                f"{key}.format",
+                f"a {made} source cannot join a mixture whose data.format is {fmt}: pretraining "
+                "mixes text sources only, SFT mixes alpaca, sharegpt and chat sources",
             )
     if task == "pretrain" and fmt != "text":
         raise RecipeError(
@@ -77,6 +77,21 @@ def _check_data(r: Recipe) -> None:
             "train.task",
             "data.format=text has no prompt/response pairs: set train.task=pretrain, or use an "
             "instruction format (alpaca, sharegpt, chat)",
+        )
+
+
+def _check_synthetic(synthetic, fmt: str, key: str) -> None:
+    if synthetic is None:
+        return
+    from launcher.data.synthetic import TEXT_TASKS
+
+    made = "text" if synthetic.task in TEXT_TASKS else "alpaca"
+    if fmt != made:
+        fix = f"{key}.format={made}" if key != "data" else f"data.format={made}"
+        raise RecipeError(
+            f"{key}.format" if key != "data" else "data.format",
+            f"{key}.synthetic.task={synthetic.task} generates {made} rows: set {fix}"
+            + (f", or {key}.synthetic.task=stories (text, for pretraining)" if fmt == "text" else ""),
         )
 
 

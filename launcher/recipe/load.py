@@ -59,8 +59,8 @@ Origins = dict[str, str]
 """Dotted leaf key (`data.hub`, `train.lr`) -> where its value was set: a recipe file's path or
 COMMAND_LINE. A list is one leaf; a mapping set to null is a leaf too."""
 
-DATA_SOURCES = ("path", "hub", "synthetic")
-"""The keys of `data` that name where the data comes from; exactly one may be set."""
+DATA_SOURCES = ("path", "hub", "synthetic", "sources")
+"""The keys of `data` that name where the data comes from; exactly one may be set (`sources`: a mixture)."""
 
 
 def _leaves(node: Any, prefix: str = "") -> list[str]:
