@@ -4,6 +4,7 @@ secrets never rendered."""
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import stat
@@ -188,3 +189,34 @@ def test_secrets_are_never_rendered(monkeypatch):
         text = job.script + " ".join(job.sbatch_args)
         for k, v in secrets.items():
             assert v not in text and k not in text
+
+
+def test_a_node_lost_twice_is_excluded_and_the_allocation_requeued(tmp_path):
+    python_dir = tmp_path / "py"
+    bin_dir = _stub_bin(tmp_path, python_dir)
+    run_dir = tmp_path / "run"
+    (run_dir / "slurm").mkdir(parents=True)
+    profile = profile_from_dict({"backend": "slurm", "runs_root": str(tmp_path), "max_restarts": 5})
+    job = render_sbatch(recipe(), profile, str(run_dir), run_id="r", python=str(python_dir / "python"), workdir=str(tmp_path))
+    (run_dir / "slurm" / "job.sbatch").write_text(job.script)
+    log = tmp_path / "calls.log"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "STUB_LOG": str(log), "SLURM_JOB_ID": "77",
+           "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "node1", "SLURM_RESTART_COUNT": "2"}
+    events = run_dir / "slurm" / "events.jsonl"
+
+    def run(failures: int) -> list[list[str]]:
+        lost = [{"event": "node_failed", "job_id": "77", "restart": i, "time": 1, "node": "node1"} for i in range(failures)]
+        events.write_text("".join(json.dumps(e) + "\n" for e in lost))
+        log.write_text("")
+        res = subprocess.run(["bash", str(run_dir / "slurm" / "job.sbatch")], env=env, capture_output=True, text=True,
+                             timeout=60)
+        assert res.returncode == 0, res.stderr
+        return _calls(log)
+
+    calls = run(2)   # node1 (stub: every allocation is node1) was lost under two allocations
+    assert ["scontrol", "requeue", "77"] in calls and ["scontrol", "update", "JobId=77", "ExcNodeList=node1"] in calls
+    assert not [c for c in calls if c[1:3] == ["-m", "launcher"]], "the driver ran on a node to exclude"
+    assert '"event": "exclude"' in events.read_text()
+    calls = run(1)   # once is not yet "repeatedly"
+    assert not [c for c in calls if c[0] == "scontrol" and c[1] in ("requeue", "update")]
+    assert [c for c in calls if c[1:3] == ["-m", "launcher"]]

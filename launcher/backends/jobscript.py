@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shlex
 
+from launcher.checkpoint.preempt import STOP_FILE
 from launcher.errors import UserError
 from launcher.recipe.sections import Recipe
 
@@ -85,10 +86,20 @@ def ray_start(kind: str, gcs_port: str, address: str = "$RAY_ADDRESS_JOB") -> st
 def forward_and_wait(on_signal: str = "") -> str:
     """Run-time heart of both scripts: the driver ($DRIVER) runs in the background; USR1 and TERM
     reaching the script are forwarded to it (`on_signal SIG` is called first when given), and the
-    script waits again after each, so the driver's own exit code ends up in CODE."""
+    script waits again after each, so the driver's own exit code ends up in CODE.
+
+    TERM is forwarded only when the driver has not seen one itself: Slurm (scancel, preemption,
+    a node failure) and a shutting-down VM send TERM to every process, and a second TERM tells
+    the driver to stop at once without saving. The driver's stop request ($RUN_DIR/.stop,
+    launcher.checkpoint.preempt) shows that it has."""
     hook = f'{on_signal} "$1"; ' if on_signal else ""
     return f"""\
-forward() {{ {hook}kill -s "$1" "$DRIVER" 2>/dev/null; }}
+forward() {{
+  {hook}if [ "$1" = TERM ]; then
+    for _ in 1 2 3 4; do [ -e "$RUN_DIR/{STOP_FILE}" ] && return; sleep 0.5; done
+  fi
+  kill -s "$1" "$DRIVER" 2>/dev/null
+}}
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM
 CODE=0

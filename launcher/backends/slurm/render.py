@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 from launcher.backends import jobscript as js
 from launcher.backends.ports import block_size
+from launcher.checkpoint.preempt import STOP_FILE
 from launcher.backends.profile import _DIRECTIVE, SECRET_NAME, ClusterProfile
 from launcher.errors import EXIT_PREEMPTED, UserError
 from launcher.recipe.load import env_variables
@@ -271,6 +272,30 @@ export NET_IFACE PY RAY_START_TIMEOUT RAY_PORT_BLOCK
 # at the job id's slot; no dashboard; a token that lives only in this job's environment.
 NODES=($(scontrol show hostnames "$SLURM_JOB_NODELIST"))
 HEAD_NODE="${{NODES[0]}}"
+
+# Nodes lost EXCLUDE_NODE_AFTER times under this run (over all its allocations) are excluded
+# from its next ones; an allocation that holds one anyway (Slurm requeued the job itself after
+# a node failure) goes straight back to the queue without it.
+failed_nodes() {{
+  grep -o '"event": "node_failed".*"node": "[^"]*"' "$EVENTS" | sed 's/.*"node": "//; s/"$//' \\
+    | sort | uniq -c | awk -v n="$EXCLUDE_NODE_AFTER" 'n > 0 && $1 >= n {{print $2}}' | paste -sd, -
+}}
+requeue_excluding() {{
+  local bad
+  bad="$(failed_nodes)"
+  trap '' TERM   # Slurm signals the batch shell as it requeues; finish the update first
+  scontrol requeue "$SLURM_JOB_ID" || return 1
+  if [ -n "$bad" ]; then
+    event exclude ", \\"nodes\\": \\"$bad\\""
+    scontrol update JobId="$SLURM_JOB_ID" ExcNodeList="$bad"
+  fi
+  return 0
+}}
+BAD_HERE="$(failed_nodes | tr , '\\n' | grep -Fxf <(printf '%s\\n' "${{NODES[@]}}") | paste -sd, -)"
+if [ -n "$BAD_HERE" ] && [ "$RESTART" -lt "$MAX_RESTARTS" ]; then
+  echo "launcher: $BAD_HERE failed $EXCLUDE_NODE_AFTER times under this run: requeueing without it" >&2
+  requeue_excluding && exit 0
+fi
 HEAD_IP="$(node_ip)"
 if [ -z "$HEAD_IP" ]; then
   echo "launcher: no IPv4 address for Ray on $(hostname) (network_interface: ${{NET_IFACE:-none}})" >&2
@@ -315,34 +340,32 @@ event ray_ready
 def _body_driver() -> list[str]:
     text = f"""\
 
+# A Ray worker step that ended while the driver ran and no stop was asked for: its node was lost.
+lost_nodes() {{
+  local node
+  for node in "${{!WORKER_PID[@]}}"; do
+    kill -0 "${{WORKER_PID[$node]}}" 2>/dev/null && continue
+    [ -e "$RUN_DIR/{STOP_FILE}" ] && continue
+    grep -q "\\"node_failed\\", \\"job_id\\": \\"$SLURM_JOB_ID\\", \\"restart\\": $RESTART, .*\\"node\\": \\"$node\\"" "$EVENTS" \\
+      || event node_failed ", \\"node\\": \\"$node\\""
+    echo "$node"
+  done
+}}
+
 # The driver runs on this (the first) node, in the background so that the batch shell can
 # forward Slurm's warning signal (USR1, --signal=B:USR1@lead) and TERM to it.
 "$PY" -m launcher run "$RECIPE_YAML" --run-dir "$RUN_DIR" --ray-address "$RAY_ADDRESS_JOB" &
 DRIVER=$!
+# Record a lost node at once: Slurm may end the whole job moments later (a node failure).
+( while kill -0 "$DRIVER" 2>/dev/null; do lost_nodes >/dev/null; sleep 2; done ) &
+WATCHER=$!
 signalled() {{ event signal ", \\"signal\\": \\"$1\\""; }}
 {js.forward_and_wait("signalled")}
 event exit ", \\"code\\": $CODE"
 
-# A Ray worker step that ended before the driver did: its node was lost (crashed, cut off).
-LOST=()
-for node in "${{!WORKER_PID[@]}}"; do
-  if ! kill -0 "${{WORKER_PID[$node]}}" 2>/dev/null; then
-    LOST+=("$node")
-    event node_failed ", \\"node\\": \\"$node\\""
-  fi
-done
+kill "$WATCHER" 2>/dev/null
+LOST=($(lost_nodes))
 stop_ray
-
-# Nodes that failed EXCLUDE_NODE_AFTER times (over all restarts) are left out of the next allocation.
-exclude_failed_nodes() {{
-  local bad
-  bad="$(grep -o '"event": "node_failed".*"node": "[^"]*"' "$EVENTS" | sed 's/.*"node": "//; s/"$//' \\
-    | sort | uniq -c | awk -v n="$EXCLUDE_NODE_AFTER" 'n > 0 && $1 >= n {{print $2}}' | paste -sd, -)"
-  if [ -n "$bad" ]; then
-    event exclude ", \\"nodes\\": \\"$bad\\""
-    scontrol update JobId="$SLURM_JOB_ID" ExcNodeList="$bad"
-  fi
-}}
 
 if [ "$CODE" -eq {EXIT_PREEMPTED} ] || {{ [ "$CODE" -ne 0 ] && [ "${{#LOST[@]}}" -gt 0 ]; }}; then
   STATE="$(squeue -h -j "$SLURM_JOB_ID" -o %T 2>/dev/null)"
@@ -353,9 +376,8 @@ if [ "$CODE" -eq {EXIT_PREEMPTED} ] || {{ [ "$CODE" -ne 0 ] && [ "${{#LOST[@]}}"
   elif [ "$STATE" != RUNNING ] && [ -n "$STATE" ]; then
     event not_requeued ", \\"state\\": \\"$STATE\\""   # cancelled or ended by Slurm itself
   else
-    exclude_failed_nodes
     event requeue
-    scontrol requeue "$SLURM_JOB_ID" && exit 0
+    requeue_excluding && exit 0
     event requeue_failed
   fi
 fi
