@@ -327,7 +327,8 @@ stop_ray() {{
   wait "${{RAY_PIDS[@]}}" 2>/dev/null
 }}
 
-if ! "$PY" -m launcher.backends.slurm.wait_ray "$RAY_ADDRESS_JOB" "$SLURM_JOB_NUM_NODES" "$RAY_START_TIMEOUT"; then
+# (under `timeout`: ray.init can block past its own deadline when the head dies while starting)
+if ! timeout "$((RAY_START_TIMEOUT + 30))" "$PY" -m launcher.backends.slurm.wait_ray "$RAY_ADDRESS_JOB" "$SLURM_JOB_NUM_NODES" "$RAY_START_TIMEOUT"; then
   event exit ', "code": 1, "reason": "ray"'
   stop_ray
   exit 1

@@ -3,8 +3,18 @@ nodes are alive in the cluster at ADDRESS (run by the sbatch script before the d
 
 from __future__ import annotations
 
+import socket
 import sys
 import time
+
+
+def _listening(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), 3).close()
+        return True
+    except OSError:
+        return False
 
 
 def wait_for_nodes(address: str, nodes: int, timeout_s: float) -> bool:
@@ -16,6 +26,9 @@ def wait_for_nodes(address: str, nodes: int, timeout_s: float) -> bool:
     while time.monotonic() < deadline:
         try:
             if not connected:
+                if not _listening(address):  # ray.init against a head that is not up can block for minutes
+                    time.sleep(2)
+                    continue
                 ray.init(address=address, log_to_driver=False, configure_logging=False)
                 connected = True
             alive = sum(1 for n in ray.nodes() if n.get("Alive"))
