@@ -10,6 +10,7 @@ import time
 import pytest
 
 from conftest import RECIPES, tiny_recipe_dict
+from launcher.estimate.hardware import GiB
 from launcher.errors import UserError
 from launcher.estimate import estimate_recipe, format_estimate, model_recipe
 from launcher.estimate.catalog import CATALOG, resolve_config
@@ -133,21 +134,40 @@ def test_activation_checkpointing_and_attention_kernels():
     ckpt = _act(base + ["model.gradient_checkpointing=true"])
     full = _act(base + ["model.gradient_checkpointing=false"])
     assert full > 3 * ckpt
-    # eager attention keeps the s x s scores: fp32 softmax + bf16 copy per head and layer, instead of
-    # flash/SDPA's fp32 logsumexp (independent formula)
+    # eager attention keeps the s x s scores: fp32 softmax + bf16 copy per head and layer, and copies
+    # its output into o_proj's layout (SDPA writes it there); SDPA keeps an fp32 logsumexp per head and the boolean 4D mask
+    # (independent formula)
     eager = _act(base + ["model.gradient_checkpointing=false", "model.attn_implementation=eager"])
-    L, a, s, b = 32, 32, 2048, 2
-    assert eager - full == L * a * s * b * (s * 6 - 4)
-    # checkpointed: 2 bytes of block input per token and layer are kept
-    longer = _act(["data.max_seq_len=4096", "train.micro_batch_size=2", "model.gradient_checkpointing=true"])
-    assert longer == 2 * ckpt  # everything linear in s without the s^2 term
+    L, heads, s, b = 32, 32, 2048, 2
+    assert eager - full == L * s * b * heads * (s * 6 - 4) - b * s * s
+    # checkpointed: the block inputs (2 bytes per token and layer) and the final norm (RMSNorm: fp32
+    # input + two 16-bit copies) are kept, with the boolean mask
+    kept = _est("meta-llama/Llama-3.1-8B", base + ["model.gradient_checkpointing=true"], gpus_per_node=8)
+    row = next(r for r in kept.memory.rows if r.name.startswith("block inputs"))
+    assert row.bytes == s * b * (L * 2 * 4096 + 8 * 4096) + b * s * s
 
 
 def test_logits_term_scales_with_vocabulary():
-    small = _est("mistralai/Mistral-7B-v0.1", ["data.max_seq_len=1024"], gpus_per_node=8).memory.rows
-    big = _est("meta-llama/Llama-3.1-8B", ["data.max_seq_len=1024"], gpus_per_node=8).memory.rows
+    over = ["data.max_seq_len=1024", "train.chunked_loss=0"]
+    small = _est("mistralai/Mistral-7B-v0.1", over, gpus_per_node=8).memory.rows
+    big = _est("meta-llama/Llama-3.1-8B", over, gpus_per_node=8).memory.rows
     lg = {n: next(r.bytes for r in rows if r.name.startswith("logits")) for n, rows in [("s", small), ("b", big)]}
     assert lg["b"] / lg["s"] == pytest.approx(128256 / 32000)
+
+
+def test_chunked_loss_shrinks_the_8b_recipes_logits_row():
+    # micro-batch 4 x 4096 tokens x 128k vocabulary: the fp32 logits alone were 27 GiB
+    recipe = RECIPES / "sft" / "llama-3.1-8b-full-sft.yaml"
+    from launcher.estimate.activations import loss_bytes
+
+    full = estimate_recipe(load_recipe(recipe, ["train.chunked_loss=0"]))
+    chunked = estimate_recipe(load_recipe(recipe))
+    assert next(r.bytes for r in full.memory.rows if r.name.startswith("logits")) > 27 * GiB
+    assert chunked.layout.chunked_loss and chunked.layout.chunk_tokens == 1024
+    fwd, bwd = loss_bytes(chunked.shape, chunked.layout)
+    hidden_grad = 4 * 4096 * 2 * 4096  # the gradient of the final hidden states, bf16
+    assert fwd < bwd - hidden_grad < 2 * GiB  # one 1024-token chunk's logits
+    assert chunked.memory.per_gpu["activations"] < full.memory.per_gpu["activations"] - 20 * GiB
 
 
 # --- verdict and suggestions -------------------------------------------------------------------

@@ -67,7 +67,8 @@ class Estimate:
                        "zero_stage": lay.zero_stage, "offload_optimizer": lay.offload_optimizer,
                        "offload_param": lay.offload_param, "dtype": lay.dtype, "micro_batch_size": lay.micro_batch,
                        "grad_accum": lay.grad_accum, "seq_len": lay.seq_len,
-                       "gradient_checkpointing": lay.grad_ckpt, "attn_implementation": lay.attn},
+                       "gradient_checkpointing": lay.grad_ckpt, "activation_checkpointing": lay.ckpt,
+                       "chunked_loss": lay.chunked_loss, "attn_implementation": lay.attn},
             "per_gpu_bytes": per_gpu,
             "breakdown": [r.to_json() for r in self.memory.rows],
             "deepspeed_model_states_bytes": {"per_gpu": self.memory.deepspeed_gpu,
@@ -105,14 +106,20 @@ class Estimate:
         }
 
 
-def _shape_for(recipe: Recipe) -> tuple[str, ModelShape]:
+def model_config(recipe: Recipe) -> tuple[str, dict[str, Any]]:
+    """(display name, transformers config dict) of the recipe's model, offline where it can be."""
     m = recipe.model
     name, cfg = catalog.resolve_config(m.name_or_path, m.config, trust_remote_code=m.trust_remote_code)
     if not m.name_or_path and "vocab_size" not in cfg and recipe.tokenizer.builtin == "bytes":
         from launcher.data.tokenizer import BYTES_VOCAB_SIZE
 
         cfg["vocab_size"] = BYTES_VOCAB_SIZE
-    return name, model_shape(cfg, trust_remote_code=m.trust_remote_code)
+    return name, cfg
+
+
+def _shape_for(recipe: Recipe) -> tuple[str, ModelShape]:
+    name, cfg = model_config(recipe)
+    return name, model_shape(cfg, trust_remote_code=recipe.model.trust_remote_code)
 
 
 def host_memory(gpu: Gpu, gpus_per_node: int, node_memory_gb: float | None) -> tuple[int, str]:
@@ -134,8 +141,33 @@ def _layout(recipe: Recipe, nodes: int, gpus_per_node: int) -> Layout:
         offload_optimizer=par.offload_optimizer, offload_param=par.offload_param,
         dtype=m.dtype,
         micro_batch=t.micro_batch_size, grad_accum=t.grad_accum, seq_len=recipe.data.max_seq_len,
-        grad_ckpt=m.gradient_checkpointing, attn=m.attn_implementation,
+        ckpt=checkpointing_mode(m), attn=m.attn_implementation, **chunked_loss(recipe),
     )
+
+
+def checkpointing_mode(m: Any) -> str:
+    """`model.activation_checkpointing` (none/selective/full), or the older boolean
+    `model.gradient_checkpointing` (true: full) for recipes and schemas without it."""
+    mode = getattr(m, "activation_checkpointing", None)
+    if mode in ("none", "selective", "full"):
+        return mode
+    return "full" if getattr(m, "gradient_checkpointing", False) else "none"
+
+
+def chunked_loss(recipe: Recipe) -> dict[str, Any]:
+    """Whether the runtime computes the loss `train.chunked_loss` tokens at a time (0: off): only
+    for the families whose head and loss it reproduces (launcher.runtime.chunked_loss.FAMILIES)."""
+    import importlib.util
+
+    if importlib.util.find_spec("launcher.runtime.chunked_loss") is None:
+        return {"chunked_loss": False}
+    from launcher.runtime.chunked_loss import FAMILIES
+
+    tokens = int(getattr(recipe.train, "chunked_loss", 0) or 0)
+    family = model_config(recipe)[1].get("model_type")
+    if tokens <= 0 or family not in FAMILIES:
+        return {"chunked_loss": False}
+    return {"chunked_loss": True, "chunk_tokens": tokens}
 
 
 def _price_table(live: bool, notes: list[str]) -> prices.PriceTable:

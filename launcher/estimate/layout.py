@@ -21,8 +21,16 @@ class Layout:
     micro_batch: int
     grad_accum: int
     seq_len: int
-    grad_ckpt: bool
+    ckpt: str
+    """Activation checkpointing: `none`, `selective` (keep matmul outputs) or `full` (block inputs)."""
     attn: str
+    chunked_loss: bool = False
+    """Cross-entropy computed `chunk_tokens` tokens at a time (the logits never whole in fp32)."""
+    chunk_tokens: int = 1024
+
+    @property
+    def grad_ckpt(self) -> bool:
+        return self.ckpt != "none"
 
     @property
     def world(self) -> int:
@@ -50,7 +58,8 @@ class Layout:
             f"{self.nodes} node(s) x {self.gpus_per_node} GPU(s), ZeRO-{self.zero_stage}"
             + (f" (offload {', '.join(off)})" if off else "") + pp
             + f", {self.dtype}, micro-batch {self.micro_batch} x {self.seq_len} tokens, accumulation {self.grad_accum}"
-            + (", activation checkpointing" if self.grad_ckpt else "") + f", {self.attn} attention"
+            + (f", {self.ckpt} activation checkpointing" if self.grad_ckpt else "") + f", {self.attn} attention"
+            + (f", chunked loss ({self.chunk_tokens} tokens)" if self.chunked_loss else "")
         )
 
 

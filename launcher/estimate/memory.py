@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from launcher.estimate import activations as act
 from launcher.estimate.hardware import GiB
 from launcher.estimate.layout import Layout
 from launcher.estimate.params import ModelShape
@@ -48,6 +49,8 @@ class MemoryEstimate:
     partitions: dict[str, int] = field(default_factory=dict)
     """Elements per rank of the ZeRO partitions (params, grads, optimizer states)."""
     notes: list[str] = field(default_factory=list)
+    peak_phase: str = "backward"
+    """The phase of the step at the peak: forward, backward (or optimizer: the trace can say so)."""
 
     @property
     def per_gpu(self) -> dict[str, int]:
@@ -149,14 +152,11 @@ def model_states(shape: ModelShape, lay: Layout, ds_config: dict[str, Any]) -> M
             o_b = int(12 * P / N)
             if z == 2:
                 rows.append(Row(f"gradients ({w}-bit + fp32 partition, 1/{N})", "grads", states - o_b, True))
-            else:
-                rows.append(Row(f"gradients ({w} B full + fp32 partition 1/{N})", "grads",
-                                w * P + int(grad_copy * P / N)))
+            else:  # the full 16-bit gradients: a phase of the step (activation_rows)
+                rows.append(Row(f"gradients (fp32 partition 1/{N})", "grads", int(grad_copy * P / N)))
             rows.append(Row("optimizer (fp32 master + Adam m, v; 1/N)", "optimizer", o_b, True))
             cpu_ds = P * 4 * g * f
         else:
-            if z == 1:
-                rows.append(Row(f"gradients ({w} B/param, full)", "grads", w * P))
             cpu_ds = P * max(4 * lay.world, 16) * f
         zcfg_bucket = int(zcfg.get("reduce_bucket_size", 5e8))
         overlap = 2 if zcfg.get("overlap_comm") else 1
@@ -169,8 +169,10 @@ def model_states(shape: ModelShape, lay: Layout, ds_config: dict[str, Any]) -> M
     else:
         fp32_grads = 4 if w < 4 else 0  # bf16/fp16 optimizer accumulates fp32 gradients
         master = 4 if w < 4 else 0
-        rows += [Row(f"weights ({w} B/param, replicated)", "params", w * P),
-                 Row("gradients (replicated)", "grads", (w + fp32_grads) * P),
+        rows += [Row(f"weights ({w} B/param, replicated)", "params", w * P)]
+        if fp32_grads:
+            rows.append(Row("fp32 gradient accumulation buffer (replicated)", "grads", fp32_grads * P))
+        rows += [
                  Row("optimizer (Adam m, v" + (" + fp32 master" if master else "") + ", replicated)",
                      "optimizer", (8 + master) * P)]
         cpu_ds = P * 4 * g * f
@@ -190,63 +192,59 @@ def model_states(shape: ModelShape, lay: Layout, ds_config: dict[str, Any]) -> M
     return est
 
 
-def activation_bytes(shape: ModelShape, lay: Layout) -> list[Row]:
-    """Activation memory at its peak (see docs/estimate.md for every term).
+def transient_grads(shape: ModelShape, lay: Layout) -> int:
+    """16-bit gradients that exist only from backward until the optimizer step: ZeRO-0/1 keep them
+    whole (ZeRO-2/3 reduce-scatter them through the buckets as backward makes them)."""
+    return lay.weight_bytes * stage_params(shape, lay.pipeline_stages) if lay.zero_stage <= 1 else 0
 
-    Per transformer block and token, with a = activation bytes (2 in bf16/fp16):
-    norm inputs (fp32 in RMSNorm models) + normed x, q, k, v (GQA: kv_heads x head_dim), attention
-    output and its copy, MLP tensors (SwiGLU: gate, up, act(gate), product; GELU: two). Eager
-    attention adds the s x s scores (fp32 softmax + its 16-bit copy) per head. Activation
-    checkpointing keeps only each block's input, plus one block recomputed and its gradients.
-    The logits (s x vocab) are kept in 16-bit, upcast to fp32 for the loss, with the log-softmax
-    and its gradient: the largest single activation for big vocabularies.
+
+def activation_rows(shape: ModelShape, lay: Layout) -> tuple[list[Row], str]:
+    """The activation rows (and ZeRO-0/1's 16-bit gradients) at the step's peak, and its phase.
+
+    Peak = the largest of: forward (kept activations + the loss), the start of backward (kept
+    activations + the loss's gradients, or one block's backward) and the end of backward (every
+    16-bit gradient + the last block's backward). The 16-bit gradients are not all live at the
+    activation peak: adding them to it overstated 8B by 15 GiB. Terms: launcher/estimate/activations.py.
     """
-    a = 4 if lay.dtype == "fp32" else 2
-    s, b = lay.seq_len, lay.micro_batch
-    h, f, V = shape.hidden, shape.intermediate, shape.vocab
-    kvd = shape.kv_heads * shape.head_dim
-    qd = shape.heads * shape.head_dim
-    norm = 4 if shape.gated_mlp else a  # HF RMSNorm upcasts its input to fp32
-    tok = s * b
-    attn = tok * (norm * h + a * h + a * qd + 2 * a * kvd + 2 * a * h)
-    if lay.attn == "eager":
-        scores = shape.heads * s * s * b * (4 + (a if a < 4 else 0))
-    else:
-        scores = shape.heads * tok * 4  # logsumexp kept by flash/SDPA
-    mlp = tok * (norm * h + a * h + (4 * a * f if shape.gated_mlp else 2 * a * f))
-    block = attn + scores + mlp
+    t = act.terms(shape, lay)
     layers = math.ceil(shape.num_layers / lay.pipeline_stages)
-    kept = tok * a * h if lay.grad_ckpt else block
-    stored = layers * kept + tok * a * h  # + embedding output
-    logits = tok * V * ((a if a < 4 else 0) + 12)
-    working = 2 * block if lay.grad_ckpt else block
-    rows: list[Row] = []
-    label = "block inputs (checkpointed)" if lay.grad_ckpt else "all block activations"
+    label = {"none": "all block activations", "full": "block inputs (full checkpointing)",
+             "selective": "matmul outputs + block inputs (selective checkpointing)"}[lay.ckpt]
+    what = f"{label}: {layers} layers x micro-batch {lay.micro_batch} x {lay.seq_len} tokens"
+    working = ("backward of one block: recomputed + its gradients" if lay.grad_ckpt
+               else "backward of one block: its gradients")
+    hg = act.hidden_grad_bytes(shape, lay)
+    loss = (f"logits of one {lay.chunk_tokens}-token chunk of the chunked loss (fp32, log-softmax, gradients)"
+            if lay.chunked_loss else
+            f"logits over the {shape.vocab:,}-token vocabulary (16-bit + fp32, log-softmax, gradients)")
+    loss_rows = [Row(loss, "activations", t.loss_backward - hg)]
+    if hg:
+        loss_rows.append(Row("gradient of the final hidden states (chunked loss)", "activations", hg))
+    stored = [Row(what, "activations", t.stored)]
     if lay.pipeline_stages > 1:
         in_flight = min(lay.pipeline_stages, lay.grad_accum)
-        first = in_flight * stored + working
-        last = stored + max(logits, working)
-        if first > last:
-            return [Row(f"{label}: {layers} layers x {in_flight} micro-batches in flight (first stage)",
-                        "activations", in_flight * stored),
-                    Row("backward working set: " + ("one block recomputed + its gradients" if lay.grad_ckpt
-                        else "one block's gradients"), "activations", working)]
-    rows.append(Row(f"{label}: {layers} layers x micro-batch {b} x {s} tokens", "activations", stored))
-    if logits >= working:
-        rows.append(Row(f"logits over the {V:,}-token vocabulary (16-bit + fp32 loss, log-softmax, grad)",
-                        "activations", logits))
-    else:
-        rows.append(Row("backward working set: " + ("one block recomputed + its gradients" if lay.grad_ckpt
-                        else "one block's gradients"), "activations", working))
+        if in_flight * t.stored + t.working > t.stored + t.loss_backward:
+            stored = [Row(f"{what} x {in_flight} micro-batches in flight (first stage)", "activations",
+                          in_flight * t.stored)]
+    grads16 = transient_grads(shape, lay)
+    phases = [
+        ("forward", stored + [Row(loss + ", forward", "activations", t.loss_forward)]),
+        ("backward", stored + loss_rows if t.loss_backward >= t.working
+         else stored + [Row(working, "activations", t.working)]),
+        ("backward", [Row("16-bit gradients, all live at the end of backward (freed by the step)", "grads",
+                          grads16), Row(working, "activations", t.working)]),
+    ]
+    phase, rows = max(phases, key=lambda pr: sum(r.bytes for r in pr[1]))
     if lay.attn == "eager":
-        rows.append(Row("  of which eager attention scores (s x s per head, per layer)", "info",
-                        (layers if not lay.grad_ckpt else 1) * scores))
-    return rows
+        rows = rows + [Row("  of which eager attention scores (s x s per head, per layer)", "info",
+                           (layers if not lay.grad_ckpt else 1) * t.scores)]
+    return [r for r in rows if r.bytes or r.category == "activations"], phase
 
 
 def estimate_memory(shape: ModelShape, lay: Layout, ds_config: dict[str, Any]) -> MemoryEstimate:
     est = model_states(shape, lay, ds_config)
-    est.rows += [r for r in activation_bytes(shape, lay) if r.category != "info"]
+    rows, est.peak_phase = activation_rows(shape, lay)
+    est.rows += [r for r in rows if r.category != "info"]
     dynamic = sum(r.bytes for r in est.rows if r.category in ("activations", "buffers"))
     est.rows.append(Row("CUDA context, cuBLAS workspace, NCCL", "overhead", CUDA_CONTEXT_BYTES))
     est.rows.append(Row(f"allocator fragmentation ({ALLOCATOR_SLACK:.0%} of activations + buffers)",

@@ -123,10 +123,9 @@ def _kv_heads(cfg: Any, heads: int) -> int:
     return heads
 
 
-def count_on_meta(config: dict[str, Any], *, trust_remote_code: bool = False) -> ModelShape:
-    """Instantiate the architecture on the meta device and count its parameters."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+def hf_config(config: dict[str, Any], *, trust_remote_code: bool = False) -> Any:
+    """The transformers config object for a config dict (one line naming the problem if invalid)."""
+    from transformers import AutoConfig
 
     d = dict(config)
     model_type = d.pop("model_type", None)
@@ -140,6 +139,15 @@ def count_on_meta(config: dict[str, Any], *, trust_remote_code: bool = False) ->
     except Exception as e:  # unknown model_type, or transformers' own config validation
         lines = [x.strip() for x in str(e).splitlines() if x.strip()]
         raise RecipeError("model.config", f"invalid {model_type} config: {lines[-1] if lines else e}") from None
+    return cfg
+
+
+def count_on_meta(config: dict[str, Any], *, trust_remote_code: bool = False) -> ModelShape:
+    """Instantiate the architecture on the meta device and count its parameters."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg = hf_config(config, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
 

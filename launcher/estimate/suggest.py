@@ -88,7 +88,7 @@ def suggest(base: Layout, check: Callable[[Layout], Check], *, max_nodes: int = 
     (GPU memory, host RAM, speed) and compared with the recipe's own layout."""
     candidates: list[Layout] = []
     if not base.grad_ckpt:
-        candidates.append(base.with_(grad_ckpt=True))
+        candidates.append(base.with_(ckpt="full"))
     if base.zero_stage < 3 and base.pipeline_stages == 1:
         candidates.append(base.with_(zero_stage=3))
     if base.micro_batch > 1:
@@ -97,7 +97,7 @@ def suggest(base: Layout, check: Callable[[Layout], Check], *, max_nodes: int = 
     if base.offload_optimizer == "none" and base.pipeline_stages == 1:
         candidates.append(base.with_(zero_stage=z, offload_optimizer="cpu"))
     # cumulative: everything that trades speed for memory on the same GPUs
-    cum = base.with_(grad_ckpt=True)
+    cum = base.with_(ckpt="full")
     if base.pipeline_stages == 1:
         cum = cum.with_(zero_stage=3)
     if base.micro_batch > 1:
@@ -122,7 +122,7 @@ def suggest(base: Layout, check: Callable[[Layout], Check], *, max_nodes: int = 
         if check(lay).fits:
             candidates.append(lay)
             if base.pipeline_stages == 1:
-                candidates.append(lay.with_(grad_ckpt=base.grad_ckpt, micro_batch=base.micro_batch,
+                candidates.append(lay.with_(ckpt=base.ckpt, micro_batch=base.micro_batch,
                                             grad_accum=base.grad_accum))
             break
     base_tps = check(base).tokens_per_s

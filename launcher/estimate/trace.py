@@ -1,0 +1,180 @@
+"""`launcher estimate --trace`: one real training step of the recipe's architecture, on fake tensors.
+
+The model is built from its config under `FakeTensorMode` (no weights allocated, nothing read or
+downloaded), with DeepSpeed's mixed-precision states beside it (16-bit weights, fp32 master
+weights, fp32 gradient buffer, Adam's two moments), and one forward, loss, backward and AdamW
+step run while `LiveBytes` counts every storage alive. The step is that of one unpartitioned
+rank; `per_gpu` then applies the layout (ZeRO partitions, offload, pipeline stage) to the traced
+model states and keeps the traced activations, so the result compares with the analytic
+`per_gpu_bytes`. What a fake run cannot see (the CUDA context, cuBLAS/NCCL workspaces, allocator
+fragmentation, DeepSpeed's communication buckets) comes from the analytic model.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from launcher.estimate.layout import Layout
+from launcher.estimate.live_bytes import KINDS, LiveBytes, peaks
+
+PHASES = ("forward", "backward", "optimizer")
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+@dataclass
+class Trace:
+    """One traced step of one unpartitioned rank."""
+
+    timeline: list[tuple[str, tuple[int, ...]]]
+    """(phase, live bytes per kind) after every op (`live_bytes.peaks` takes the peaks)."""
+    numels: list[int]
+    """Elements of each trained parameter (for ZeRO's per-parameter partitions)."""
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+def _checkpointing(model: Any, mode: str) -> None:
+    """The runtime's activation checkpointing (launcher.runtime.recompute): `selective` keeps the
+    matmul outputs and recomputes the attention core and the elementwise operations."""
+    try:
+        from launcher.runtime.recompute import apply_activation_checkpointing
+    except ImportError:  # a runtime without selective recompute: full checkpointing as transformers does it
+        if mode != "none":
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return
+    apply_activation_checkpointing(model, mode)
+
+
+def _loss(model: Any, lay: Layout, ids: Any, mask: Any, num_items: int) -> tuple[Any, Any]:
+    """The runtime's loss (transformers' token-weighted causal-LM loss, or the chunked one) and
+    what the runtime keeps referenced until the step ends (the model output with its logits)."""
+    if lay.chunked_loss:
+        from launcher.runtime.chunked_loss import chunked_causal_lm_loss
+
+        out = model.model(input_ids=ids, attention_mask=mask)
+        return chunked_causal_lm_loss(out.last_hidden_state, model.lm_head.weight, ids, num_items,
+                                      lay.chunk_tokens), out
+    out = model(input_ids=ids, attention_mask=mask, labels=ids, num_items_in_batch=num_items)
+    return out.loss, out
+
+
+def _states(model: Any, lb: LiveBytes, lay: Layout) -> tuple[list, list, list, list, list]:
+    """DeepSpeed's mixed-precision states, allocated before the first step as the engine does:
+    fp32 master weights, an fp32 gradient buffer, Adam's moments (fp32 recipes: the weights are
+    the master copy and the optimizer reads their gradients)."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    for t in list(model.parameters()) + list(model.buffers()):
+        lb.track(t, "params")
+    mixed = lay.weight_bytes < 4
+    master = [p.detach().float() for p in params] if mixed else params
+    grads32 = [torch.zeros_like(m) for m in master] if mixed else []
+    for m in master if mixed else []:
+        lb.track(m, "master")
+    for g in grads32:
+        lb.track(g, "grads32")
+    m1 = [torch.zeros_like(m) for m in master]
+    m2 = [torch.zeros_like(m) for m in master]
+    for m in m1 + m2:
+        lb.track(m, "adam")
+    for p in params:
+        p.register_post_accumulate_grad_hook(lambda p: lb.track(p.grad, "grads16"))
+    return params, master, grads32, m1, m2
+
+
+def _step(params: list, master: list, grads32: list, m1: list, m2: list) -> None:
+    """Accumulate the 16-bit gradients into the fp32 buffer and free them, AdamW (fused, as
+    DeepSpeed's FusedAdam: no per-tensor scratch), copy the master weights back."""
+    import torch
+
+    for p, g in zip(params, grads32):
+        g.add_(p.grad)
+        p.grad = None
+    grads = grads32 or [p.grad for p in params]
+    steps = [torch.tensor(1.0) for _ in master]
+    torch._fused_adamw_(master, grads, m1, m2, [], steps, lr=1e-5, beta1=0.9, beta2=0.95,
+                        weight_decay=0.1, eps=1e-8, amsgrad=False, maximize=False)
+    for p, m in zip(params, master):
+        if p is not m:
+            p.data.copy_(m)
+
+
+def build_config(config: dict[str, Any], lay: Layout, *, trust_remote_code: bool = False) -> Any:
+    """The transformers config of the (pipeline stage's) model: a stage holds ceil(layers/stages)
+    blocks and, as an upper bound, both ends (embedding and head)."""
+    from launcher.estimate.params import hf_config
+
+    cfg = hf_config(config, trust_remote_code=trust_remote_code)
+    if lay.pipeline_stages > 1:
+        cfg.num_hidden_layers = math.ceil(cfg.num_hidden_layers / lay.pipeline_stages)
+    cfg.use_cache = False
+    return cfg
+
+
+def trace_step(config: dict[str, Any], lay: Layout, *, trust_remote_code: bool = False) -> Trace:
+    """Run one training step of `config`'s architecture in `lay`'s micro-batch under fake tensors."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from transformers import AutoModelForCausalLM
+
+    t0 = time.perf_counter()
+    cfg = build_config(config, lay, trust_remote_code=trust_remote_code)
+    dtype = getattr(torch, DTYPES[lay.dtype])
+    lb = LiveBytes()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=lay.attn,
+                                                 trust_remote_code=trust_remote_code)
+        model.train()
+        _checkpointing(model, lay.ckpt)
+        with lb:
+            states = _states(model, lb, lay)
+            ids = torch.zeros(lay.micro_batch, lay.seq_len, dtype=torch.long)
+            mask = torch.ones(lay.micro_batch, lay.seq_len, dtype=torch.long)
+            lb.set_phase("forward", "activations")
+            loss, out = _loss(model, lay, ids, mask, lay.micro_batch * lay.seq_len)
+            lb.set_phase("backward", "temporaries")
+            loss.backward()
+            del loss, out
+            lb.set_phase("optimizer", "temporaries")
+            _step(*states)
+            lb.set_phase("done", "temporaries")
+    numels = [p.numel() for p in states[0]]
+    return Trace(timeline=lb.timeline, numels=numels, seconds=time.perf_counter() - t0)
+
+
+def weights(lay: Layout, numels: list[int]) -> dict[str, float]:
+    """One rank's share of each kind of traced bytes in `lay`: ZeRO partitions each parameter into
+    ceil(numel/N) elements (ZeRO-3: weights too; ZeRO-1/2/3: the fp32 gradients and optimizer
+    states), ZeRO-2/3 reduce the 16-bit gradients through buckets (counted as buffers) instead of
+    keeping them, offload moves the optimizer (with its fp32 gradients) or the weights to the host."""
+    n, z = lay.data_parallel, lay.zero_stage
+    part = sum(math.ceil(x / n) for x in numels) / max(sum(numels), 1)
+    shard = part if z >= 1 else 1.0
+    opt = 0.0 if lay.offload_optimizer != "none" else shard
+    return {"params": 0.0 if lay.offload_param != "none" else (part if z == 3 else 1.0),
+            "grads16": 0.0 if z >= 2 else 1.0, "grads32": opt, "master": opt, "adam": opt,
+            "activations": 1.0, "temporaries": 1.0}
+
+
+def per_gpu(trace: Trace, lay: Layout, analytic: dict[str, int]) -> tuple[dict[str, int], str]:
+    """Traced bytes per GPU with `per_gpu_bytes`' keys, and the phase of the peak. `buffers` and the
+    CUDA context are the analytic figures (a fake run has neither); fragmentation is the analytic
+    model's share of the traced activations and buffers."""
+    from launcher.estimate.memory import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES
+
+    at = peaks(trace.timeline, weights(lay, trace.numels), PHASES)
+    phase = max(PHASES, key=lambda ph: at[ph][0])
+    k = at[phase][1]
+    out = {"params": k["params"], "grads": k["grads16"] + k["grads32"], "optimizer": k["master"] + k["adam"],
+           "activations": k["activations"] + k["temporaries"]}
+    out["buffers"] = analytic["buffers"]
+    out["overhead"] = CUDA_CONTEXT_BYTES + int(ALLOCATOR_SLACK * (out["activations"] + out["buffers"]))
+    out["total"] = sum(out[k] for k in ("params", "grads", "optimizer", "activations", "buffers", "overhead"))
+    return out, phase
+
+
+__all__ = ["KINDS", "PHASES", "Trace", "per_gpu", "trace_step"]
