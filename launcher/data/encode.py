@@ -14,6 +14,8 @@ import json
 from dataclasses import asdict
 from typing import Any
 
+import numpy as np
+
 from launcher.data import formats
 from launcher.data.formats import Counts
 from launcher.data.sources import Row
@@ -69,8 +71,9 @@ def encode_batch(
         examples = formats.encode_sft(items, tokenizer, data, counts)
         out = {"input_ids": [e["input_ids"] for e in examples], "labels": [e["labels"] for e in examples]}
     n = len(out["input_ids"])
-    out["input_ids"].append([])
-    out["labels"].append([])
+    # int32 arrays: Arrow stores lists of Python ints as int64, twice the bytes to write and read
+    out["input_ids"] = [np.asarray(x, dtype=np.int32) for x in out["input_ids"]] + [np.zeros(0, np.int32)]
+    out["labels"] = [np.asarray(x, dtype=np.int32) for x in out["labels"]] + [np.zeros(0, np.int32)]
     out["_stats"] = [""] * n + [json.dumps(asdict(counts))]
     return out
 

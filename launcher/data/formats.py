@@ -343,7 +343,11 @@ def encode_documents(items: list[Item], tokenizer) -> list[list[int]]:
         return []
     head = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
     eos = tokenizer.eos_token_id
-    ids = tokenizer([i.text for i in items], add_special_tokens=False)["input_ids"]
+    texts = [i.text for i in items]
+    backend = getattr(tokenizer, "backend_tokenizer", None) if tokenizer.is_fast else None
+    if backend is not None:  # the same Rust call `tokenizer(texts)` makes, without its wrapping
+        return [[*head, *e.ids, eos] for e in backend.encode_batch(texts, add_special_tokens=False)]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     return [head + doc + [eos] for doc in ids]
 
 

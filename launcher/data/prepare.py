@@ -96,10 +96,14 @@ def _source_identity(d: DataConfig) -> Any:
 def _hub_revision(d: DataConfig) -> str | None:
     """The commit a hub revision (or the default branch) points at now, so that a dataset
     updated on the hub is prepared again; the revision as written when the hub is unreachable."""
+    from launcher.pretrained import offline
+
+    if offline() or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return d.hub_revision
     try:
         from huggingface_hub import HfApi
 
-        return HfApi().dataset_info(d.hub, revision=d.hub_revision).sha or d.hub_revision
+        return HfApi().dataset_info(d.hub, revision=d.hub_revision, timeout=10).sha or d.hub_revision
     except Exception:
         return d.hub_revision
 
