@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/bench_trace.py --quick      # 1B, micro-batch 1, 2048 tokens
     .venv/bin/python benchmarks/bench_trace.py --time-8b    # seconds for one 8B trace
 
-Cells: Llama-3.2-1B and Llama-3.1-8B x micro-batch {1, 2} x sequence {2048, 4096} x activation
+Cells (the runtime's default chunked loss, 1024 tokens): Llama-3.2-1B and Llama-3.1-8B x micro-batch {1, 2} x sequence {2048, 4096} x activation
 checkpointing {none, selective, full} x attention {sdpa, eager} x (ZeRO-0 on 1 GPU, ZeRO-3 on 8).
 One trace per cell serves both layouts (the peak is taken per layout from the traced timeline).
 Compared: what both see (weights, gradients, optimizer states, activations); buffers and the CUDA
@@ -37,7 +37,7 @@ SEEN = ("params", "grads", "optimizer", "activations")
 def layout(mb: int, seq: int, ckpt: str, attn: str, zero: int, gpus: int) -> Layout:
     return Layout(nodes=1, gpus_per_node=gpus, pipeline_stages=1, zero_stage=zero, offload_optimizer="none",
                   offload_param="none", dtype="bf16", micro_batch=mb, grad_accum=1, seq_len=seq, ckpt=ckpt,
-                  attn=attn)
+                  attn=attn, chunked_loss=True, chunk_tokens=1024)
 
 
 def ds_config(zero: int) -> dict:

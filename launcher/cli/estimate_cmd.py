@@ -61,6 +61,10 @@ def estimate(
         bool,
         typer.Option("--offline-prices", help="Use the shipped price table (the default; overrides --live-prices)."),
     ] = False,
+    trace: Annotated[
+        bool, typer.Option("--trace", help="Also run one training step of the architecture on fake tensors "
+                           "(no GPU, no weights; under a minute for 8B) and print the traced peak per category.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the estimate as JSON (keys: docs/estimate.md).")] = False,
 ) -> None:
     """GPU memory per GPU, CPU memory per node, time and dollar cost of a recipe, before launch.
@@ -73,6 +77,8 @@ def estimate(
     Example: launcher estimate --model meta-llama/Llama-3.1-70B --gpus-per-node 8 --nodes 4
 
     Example: launcher estimate --model meta-llama/Llama-3.1-70B --gpu A100-80GB --node-memory 1152 --json
+
+    Example: launcher estimate recipes/sft/llama-3.1-8b-full-sft.yaml --trace
     """
     from launcher.estimate import estimate_recipe, format_estimate, model_recipe
 
@@ -96,6 +102,10 @@ def estimate(
                   preemption_rate=preemption_rate, node_memory_gb=node_memory)
     est = estimate_recipe(r, **kwargs, live_prices=live_prices and not offline_prices,
                           title=f"--model {model}" if model else None)
+    if trace:
+        from launcher.estimate.trace import trace_estimate
+
+        trace_estimate(est, r)
     if calibrate:
         from launcher.estimate.calibrate import calibrate as run_calibration
 

@@ -38,6 +38,8 @@ class Estimate:
     calibration: dict[str, Any] | None = None
     title: str | None = None
     """What the header names (`--model NAME`); None: the recipe's name."""
+    trace: dict[str, Any] | None = None
+    """`--trace`: traced_per_gpu_bytes, traced_peak_phase, analytic_peak_phase, trace_seconds."""
     gpu_fits: bool | None = None
     host_memory_bytes: int | None = None
     """Host RAM per node the offloaded states must fit in (None: no GPU named)."""
@@ -70,6 +72,10 @@ class Estimate:
                        "gradient_checkpointing": lay.grad_ckpt, "activation_checkpointing": lay.ckpt,
                        "chunked_loss": lay.chunked_loss, "attn_implementation": lay.attn},
             "per_gpu_bytes": per_gpu,
+            "peak_phase": self.memory.peak_phase,
+            **({"traced_per_gpu_bytes": self.trace["traced_per_gpu_bytes"],
+                "traced_peak_phase": self.trace["traced_peak_phase"],
+                "trace_seconds": self.trace["trace_seconds"]} if self.trace else {}),
             "breakdown": [r.to_json() for r in self.memory.rows],
             "deepspeed_model_states_bytes": {"per_gpu": self.memory.deepspeed_gpu,
                                              "cpu_per_node": self.memory.deepspeed_cpu},

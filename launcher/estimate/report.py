@@ -81,6 +81,21 @@ def _cost_lines(est) -> list[str]:  # noqa: ANN001
     return out
 
 
+def _trace_lines(est) -> list[str]:  # noqa: ANN001
+    """The traced peak per category beside the analytic one, and the phase of each peak."""
+    tr = est.trace
+    traced, per = tr["traced_per_gpu_bytes"], est.memory.per_gpu
+    out = ["", f"trace    one step under FakeTensorMode ({tr['trace_seconds']:.0f} s): peak in "
+           f"{tr['traced_peak_phase']} (analytic: {tr['analytic_peak_phase']})",
+           f"  {'GiB per GPU':14}{'analytic':>10}{'traced':>10}{'diff':>9}"]
+    for k in ("params", "grads", "optimizer", "activations", "buffers", "overhead", "total"):
+        diff = f"{(per[k] - traced[k]) / traced[k]:+.1%}" if traced[k] else ""
+        note = "  (analytic: a fake run has none)" if k == "buffers" else (
+            "  (CUDA context analytic)" if k == "overhead" else "")
+        out.append(f"  {k:14}{gib(per[k]):>10}{gib(traced[k]):>10}{diff:>9}{note}")
+    return out
+
+
 def format_estimate(est) -> str:  # noqa: ANN001  (launcher.estimate.estimator.Estimate)
     s, lay, mem = est.shape, est.layout, est.memory
     out: list[str] = []
@@ -101,6 +116,8 @@ def format_estimate(est) -> str:  # noqa: ANN001  (launcher.estimate.estimator.E
     w(f"  * DeepSpeed's model-states estimate: {gib(mem.deepspeed_gpu)} GiB per GPU, "
       f"{gib(mem.deepspeed_cpu)} GiB CPU per node; the other rows are what it leaves out")
     w(_verdict(est))
+    if est.trace:
+        out += _trace_lines(est)
     if est.suggestions:
         out += _suggestion_lines(est)
     w("")

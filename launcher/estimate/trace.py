@@ -177,4 +177,25 @@ def per_gpu(trace: Trace, lay: Layout, analytic: dict[str, int]) -> tuple[dict[s
     return out, phase
 
 
-__all__ = ["KINDS", "PHASES", "Trace", "per_gpu", "trace_step"]
+
+
+
+def trace_estimate(est: Any, recipe: Any) -> dict[str, Any]:
+    """Trace `recipe`'s step in `est`'s layout and set `est.trace`: the traced bytes per GPU (the keys
+    of `per_gpu_bytes`), the phase of the traced and of the analytic peak, and the seconds it took."""
+    from launcher.errors import UserError
+    from launcher.estimate.estimator import model_config
+
+    _, config = model_config(recipe)
+    try:
+        tr = trace_step(config, est.layout, trust_remote_code=recipe.model.trust_remote_code)
+    except UserError:
+        raise
+    except Exception as e:  # an architecture that cannot run on fake tensors
+        last = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        raise UserError(f"--trace: {est.model} could not run under FakeTensorMode ({type(e).__name__}: "
+                        f"{last[:200]}); leave out --trace for the analytic estimate") from None
+    traced, phase = per_gpu(tr, est.layout, est.memory.per_gpu)
+    est.trace = {"traced_per_gpu_bytes": traced, "traced_peak_phase": phase,
+                 "analytic_peak_phase": est.memory.peak_phase, "trace_seconds": round(tr.seconds, 2)}
+    return est.trace
