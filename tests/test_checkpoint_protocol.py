@@ -80,13 +80,32 @@ def test_verify_names_truncated_and_corrupted_files(tmp_path):
     assert "truncated" in problems["a.pt"] and "corrupted" in problems["b.pt"] and problems["c.pt"] == "missing"
 
 
-def test_manifest_is_json_with_sizes_and_sha256(tmp_path):
+def test_manifest_is_json_with_sizes_and_checksums_computed_while_writing(tmp_path):
+    import xxhash
+
+    from launcher.checkpoint.hashing import HashingWriter
+
     d = _commit(tmp_path, 3, {"x.bin": b"hello"})
     doc = json.loads((d / "manifest.json").read_text())
+    assert doc["files"]["x.bin"] == {"size": 5, "xxh3_128": xxhash.xxh3_128(b"hello").hexdigest()}
+    assert doc["step"] == 3 and doc["format"] == manifest.FORMAT_VERSION == 2
+    w = HashingWriter(tmp_path / "y.bin")
+    for part in (b"hel", memoryview(b"lo")):
+        w.write(part)
+    assert w.close() == doc["files"]["x.bin"] and (tmp_path / "y.bin").read_bytes() == b"hello"
+
+
+def test_a_format_1_manifest_with_sha256_still_verifies(tmp_path):
     import hashlib
 
-    assert doc["files"]["x.bin"] == {"size": 5, "sha256": hashlib.sha256(b"hello").hexdigest()}
-    assert doc["step"] == 3 and doc["format"] == manifest.FORMAT_VERSION
+    d = layout.checkpoints_dir(tmp_path) / layout.step_tag(5)
+    d.mkdir(parents=True)
+    (d / "a.pt").write_bytes(b"old")
+    (d / "manifest.json").write_text(json.dumps({"format": 1, "step": 5, "files": {
+        "a.pt": {"size": 3, "sha256": hashlib.sha256(b"old").hexdigest()}}}))
+    assert manifest.verify(d) == [] and layout.latest_committed(tmp_path).step == 5
+    (d / "a.pt").write_bytes(b"new")
+    assert "corrupted" in manifest.verify(d)[0].what
 
 
 def test_fingerprint_allows_harmless_changes_and_names_breaking_ones():
@@ -147,14 +166,52 @@ def test_stop_request_round_trip(tmp_path):
     assert preempt.read_stop(tmp_path) is None
 
 
-def test_hashing_shares_are_balanced_and_cover_every_file(tmp_path):
-    from launcher.checkpoint.checkpointer import share_files
+MOUNTINFO = """\
+22 1 8:1 / / rw,relatime - ext4 /dev/sda1 rw
+98 22 0:50 / /runs/x/checkpoints rw,nosuid,nodev,relatime - fuse.gcsfuse my-bucket rw,user_id=0
+99 22 0:51 / /home/me/remote rw - fuse.sshfs me@host:/ rw
+"""
 
-    sizes = {"rank-00000.json": 10, "rank-00001.json": 10, "zero_pp_rank_0_model.pt": 50,
-             "zero_pp_rank_0_optim.pt": 1000, "zero_pp_rank_1_model.pt": 50, "zero_pp_rank_1_optim.pt": 1000}
-    for name, n in sizes.items():
-        (tmp_path / name).write_bytes(b"x" * n)
-    shares = [share_files(tmp_path, r, 2) for r in range(2)]
-    assert sorted(shares[0] + shares[1]) == sorted(sizes)
-    loads = [sum(sizes[f] for f in s) for s in shares]
-    assert loads[0] == loads[1] == 1060  # the two big optimizer files go to different ranks
+
+@pytest.mark.parametrize("path,env,want", [
+    ("/runs/x/checkpoints", {}, "manifest"),          # a bucket mount: no directory renames
+    ("/runs/x/checkpoints/step-00000010", {}, "manifest"),
+    ("/runs/x", {}, "rename"),
+    ("/home/me/remote/ck", {}, "rename"),               # sshfs renames cheaply
+    ("/runs/x/checkpoints", {"LAUNCHER_CKPT_COMMIT": "rename"}, "rename"),
+    ("/tmp/y", {"LAUNCHER_CKPT_COMMIT": "manifest"}, "manifest"),
+])
+def test_commit_mode_by_mount_type(path, env, want, monkeypatch):
+    from launcher.checkpoint import commit_mode
+
+    monkeypatch.setattr(commit_mode.os.path, "realpath", lambda p: str(p))
+    monkeypatch.setattr(commit_mode.Path, "exists", lambda self: True)
+    assert commit_mode.commit_mode(path, env, MOUNTINFO) == want
+
+
+def test_manifest_mode_prunes_by_deleting_without_renames(tmp_path, monkeypatch):
+    import os
+
+    for s in (10, 20, 30):
+        _commit(tmp_path, s)
+    renames = []
+    monkeypatch.setattr(os, "replace", lambda *a: renames.append(a))
+    monkeypatch.setattr(os, "rename", lambda *a: renames.append(a))
+    prune(tmp_path, keep_last=2, mode="manifest")
+    assert renames == []
+    assert sorted(p.name for p in layout.checkpoints_dir(tmp_path).iterdir()) == ["step-00000020", "step-00000030"]
+
+
+def test_host_copy_keeps_storage_sharing_and_is_detached_from_training():
+    import torch
+
+    from launcher.checkpoint.ds_engine import host_copy
+
+    flat = torch.arange(10.0)
+    state = {"a": flat[:4], "b": flat[4:].view(2, 3), "tied": [flat[:4]], "n": 3, "obj": {"x": flat}}
+    copy = host_copy(state)
+    flat.add_(100)  # training goes on
+    assert copy["a"].tolist() == [0, 1, 2, 3] and copy["b"].tolist() == [[4, 5, 6], [7, 8, 9]]
+    assert copy["a"].untyped_storage().data_ptr() == copy["b"].untyped_storage().data_ptr()
+    assert copy["obj"]["x"].untyped_storage().data_ptr() == copy["a"].untyped_storage().data_ptr()
+    assert copy["b"].storage_offset() == 4 and copy["n"] == 3

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher.checkpoint.zero_reader import safe_load
+from launcher.checkpoint.safe_load import safe_load
 from launcher.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,13 +82,13 @@ def test_tensors_and_deepspeed_types_load(tmp_path):
 
 
 def test_the_project_loads_pickles_only_through_safe_load():
-    """Every torch.load in launcher/ is the weights-only one in zero_reader.safe_load."""
+    """Every torch.load in launcher/ is the weights-only one in safe_load.safe_load."""
     offenders = []
     for path in (ROOT / "launcher").rglob("*.py"):
         for i, line in enumerate(path.read_text().splitlines(), 1):
             code = line.split("#", 1)[0]
             if re.search(r"\btorch\.load\(|\bpickle\.loads?\(|weights_only\s*=\s*False", code):
-                if path.name == "zero_reader.py" and "weights_only=True" in code:
+                if path.name == "safe_load.py" and "weights_only=True" in code:
                     continue
                 offenders.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()}")
-    assert not offenders, "load checkpoints with launcher.checkpoint.zero_reader.safe_load:\n" + "\n".join(offenders)
+    assert not offenders, "load checkpoints with launcher.checkpoint.safe_load.safe_load:\n" + "\n".join(offenders)

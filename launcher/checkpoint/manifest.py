@@ -1,31 +1,26 @@
-"""The manifest: every file of a checkpoint with its size and sha256. Writing it is the commit;
-verifying against it finds a truncated or corrupted file by name, before anything unpickles it."""
+"""The manifest: every file of a checkpoint with its size and checksum (xxh3-128, computed while
+the file was written; sha256 in checkpoints written before format 2). Writing it is the commit;
+verifying against it finds a truncated or corrupted file by name."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from launcher.checkpoint.hashing import HASH, algo_of, digest_file
 from launcher.checkpoint.layout import MANIFEST, atomic_write_text
 
-FORMAT_VERSION = 1
-_CHUNK = 8 * 1024 * 1024
+FORMAT_VERSION = 2
+"""1: sha256 sums computed by reading the files after the save; 2: xxh3-128 sums computed while
+writing (both verify)."""
 
 
 def file_digest(path: Path, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-            size += len(chunk)
-            if progress:
-                progress(len(chunk))
-    return {"size": size, "sha256": h.hexdigest()}
+    """Size and checksum of a file, by reading it (what a save records, for files it did not write)."""
+    return digest_file(path, HASH, progress)
 
 
 def checkpoint_files(step_dir: Path) -> list[str]:
@@ -78,7 +73,10 @@ def check_file(step_dir: Path, rel: str, want: dict[str, Any], *, checksums: boo
         return Problem(str(path), "missing")
     if size != want["size"]:
         return Problem(str(path), f"size {size} bytes, manifest says {want['size']} (truncated or rewritten)")
-    if checksums and file_digest(path, progress)["sha256"] != want["sha256"]:
+    algo = algo_of(want)
+    if checksums and algo is None:
+        return Problem(str(path), "the manifest records no checksum for it")
+    if checksums and digest_file(path, algo, progress)[algo] != want[algo]:
         return Problem(str(path), "checksum does not match the manifest (corrupted)")
     return None
 
@@ -86,10 +84,10 @@ def check_file(step_dir: Path, rel: str, want: dict[str, Any], *, checksums: boo
 def verify(step_dir: Path, *, checksums: bool = True, progress: Callable[[int], None] | None = None,
            workers: int = 1) -> list[Problem]:
     """Files that are missing, of the wrong size or (with `checksums`) the wrong content; with
-    `workers` > 1 the files are hashed on threads (hashlib releases the GIL)."""
+    `workers` > 1 the files are read on threads in parallel, largest first."""
     from concurrent.futures import ThreadPoolExecutor
 
-    items = list(read_manifest(step_dir)["files"].items())
+    items = sorted(read_manifest(step_dir)["files"].items(), key=lambda kv: -int(kv[1].get("size", 0)))
 
     def check(item: tuple[str, dict[str, Any]]) -> Problem | None:
         return check_file(step_dir, item[0], item[1], checksums=checksums, progress=progress)

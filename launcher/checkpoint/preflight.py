@@ -34,8 +34,13 @@ def check_same_recipe(step: StepDir, manifest: dict, recipe: Recipe) -> None:
         )
 
 
-def check_resume(run_dir: Path, recipe: Recipe) -> StepDir | None:
-    """The checkpoint training will resume from, after checking it; None if there is none."""
+def check_resume(run_dir: Path, recipe: Recipe, *, full_verify: bool = False) -> StepDir | None:
+    """The checkpoint training will resume from, after checking it; None if there is none.
+
+    Sizes against the manifest only (a stat per file), unless `full_verify`: the checksums were
+    computed as the files were written, and reading a 70B checkpoint back costs about 1 TB of
+    reads. A commit that then fails to load falls back to the previous one that passes a full
+    verify (`reshard.load_checkpoint`)."""
     from launcher.checkpoint.reshard import reshard_problem
     step = latest_committed(run_dir)
     if step is None:
@@ -46,7 +51,7 @@ def check_resume(run_dir: Path, recipe: Recipe) -> StepDir | None:
     problem = reshard_problem(manifest, layout)
     if problem:
         raise UserError(f"{step.path}: cannot resume: {problem}")
-    problems = verify(step.path, workers=4)
+    problems = verify(step.path, checksums=full_verify, workers=4)
     if problems:
         raise UserError(
             f"{step.path} is damaged: " + "; ".join(map(str, problems[:3]))

@@ -3,17 +3,19 @@ it was saved with, the project's own conversion when the data-parallel size (or 
 changed. DeepSpeed refuses the latter for ZeRO (microsoft/DeepSpeed#2898, #6441, #5405) and its
 universal checkpoint has open ZeRO-3 bugs (#7546), so the conversion goes through full
 (unpartitioned) fp32 tensors read from the shards by `zero_reader`, one parameter at a time,
-and written into the new partitions."""
+and written into the new partitions. Both read the files through `safe_load` only."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from launcher.checkpoint.layout import StepDir
 from launcher.checkpoint.manifest import read_manifest
 from launcher.checkpoint.state import read_rank_state
+from launcher.errors import UserError
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -49,13 +51,36 @@ def reshard_problem(saved: dict[str, Any], layout: dict[str, Any]) -> str | None
 
 def load_checkpoint(engine: Any, scheduler: Any, step_dir: StepDir, ckpt: Any, layout: dict[str, Any]) -> dict[str, Any]:
     """Restore model, optimizer and scheduler into `engine`; return this rank's saved state
-    (with `rng` None when the layout changed, since ranks no longer correspond)."""
-    saved = read_manifest(step_dir.path)
-    problem = reshard_problem(saved, layout)
-    if problem:
-        from launcher.errors import UserError
+    (with `rng` None when the layout changed, since ranks no longer correspond).
 
+    Nothing is unpickled but tensors and plain data: rank 0 first disassembles every `.pt` file
+    of the step (`safe_load.scan_step`, no tensor data read) and all ranks refuse together; the
+    files are then read with `safe_load`. When the newest commit cannot be loaded on some rank,
+    the previous one that passes a full checksum verify is loaded instead, saying so."""
+    problem = reshard_problem(read_manifest(step_dir.path), layout)
+    if problem:
         raise UserError(f"{step_dir.path}: cannot resume: {problem}")
+    while True:
+        state, error = None, None
+        try:
+            state = _load_one(engine, scheduler, step_dir, ckpt, layout)
+        except UserError as e:
+            error = str(e)
+        errors: list[Any] = [None] * ckpt.world_size
+        dist.all_gather_object(errors, error)  # every rank, loaded or not: one decision
+        if not any(errors):
+            return state
+        step_dir = _previous_good(ckpt, step_dir, next(e for e in errors if e))
+
+
+def _load_one(engine: Any, scheduler: Any, step_dir: StepDir, ckpt: Any, layout: dict[str, Any]) -> dict[str, Any]:
+    from launcher.checkpoint.checkpointer import broadcast
+    from launcher.checkpoint.safe_load import scan_step
+
+    saved = read_manifest(step_dir.path)
+    refused = broadcast(scan_step(step_dir.path) if ckpt.rank == 0 else None)
+    if refused:
+        raise UserError(refused)
     if same_layout(saved, layout):
         return ckpt.load_same_layout(engine, step_dir)
     load_resharded(engine, step_dir.path)
@@ -70,6 +95,29 @@ def load_checkpoint(engine: Any, scheduler: Any, step_dir: StepDir, ckpt: Any, l
     engine.global_steps = int(state["step"])
     state["rng"] = None
     return state
+
+
+def _previous_good(ckpt: Any, failed: StepDir, error: str) -> StepDir:
+    """The newest commit before `failed` whose files all match their checksums (rank 0 checks,
+    every rank gets its answer); UserError with `error` when there is none."""
+    from launcher.checkpoint.checkpointer import broadcast
+    from launcher.checkpoint.layout import list_step_dirs
+    from launcher.checkpoint.manifest import verify
+
+    choice = None
+    if ckpt.rank == 0:
+        print(f"checkpoint: {failed.path.name} cannot be loaded: {error}", flush=True)
+        for s in reversed([s for s in list_step_dirs(ckpt.run_dir) if s.committed and s.step < failed.step]):
+            problems = verify(s.path, checksums=True, workers=4)
+            if not problems:
+                print(f"checkpoint: resuming from {s.path.name} instead (full verify passed)", flush=True)
+                choice = s
+                break
+            print(f"checkpoint: {s.path.name} fails its verify too: {problems[0]}", flush=True)
+    choice = broadcast(choice)
+    if choice is None:
+        raise UserError(f"{error} (and no earlier checkpoint passes `launcher ckpt verify`)")
+    return choice
 
 
 def _base_optimizer(engine: Any) -> Any:
@@ -138,8 +186,6 @@ def load_resharded(engine: Any, step_dir: Any) -> None:
                 base.state[p][k] = states[k].reshape(p.shape).clone()
     missing = [n for n, p in named.items() if p.requires_grad and n not in done]
     if missing:
-        from launcher.errors import UserError
-
         raise UserError(f"{step_dir}: the checkpoint has no values for {missing[:5]} ({len(missing)} parameters)")
     # the low-precision (or ZeRO-3 partitioned) copies the forward uses follow the fp32 masters
     if stage == 3:
