@@ -93,11 +93,14 @@ def select(patterns: list[str] | None) -> list[Cell]:
     return picked
 
 
-def recipe_dict(cell: Cell, model_dir: Path) -> dict[str, Any]:
-    """The launcher recipe for `cell`: same model directory, data, order and hyperparameters."""
-    return {
+def recipe_dict(cell: Cell, model_dir: Path, *, dtype: str = "fp32",
+                deepspeed: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The launcher recipe for `cell`: same model directory, data, order and hyperparameters;
+    `dtype` the model's (bf16: weights and compute in bf16), `deepspeed` the raw block merged last
+    into the generated DeepSpeed config."""
+    out = {
         "name": f"parity-{cell.name}",
-        "model": {"name_or_path": str(model_dir), "dtype": "fp32", "attn_implementation": "sdpa"},
+        "model": {"name_or_path": str(model_dir), "dtype": dtype, "attn_implementation": "sdpa"},
         "tokenizer": {"builtin": "bytes"},
         "data": dict(DATA),
         "train": {**TRAIN, "micro_batch_size": cell.micro, "grad_accum": cell.ga},
@@ -108,6 +111,9 @@ def recipe_dict(cell: Cell, model_dir: Path) -> dict[str, Any]:
         "logging": {"tensorboard": False, "sample_ids": True},
         "sample": {"from_eval": 0},
     }
+    if deepspeed:
+        out["deepspeed"] = deepspeed
+    return out
 
 
 def make_model(model_dir: Path) -> Path:

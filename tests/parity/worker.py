@@ -24,9 +24,13 @@ def main(spec_path: str) -> int:
 
     from launcher.data import build_datasets, build_tokenizer
     from launcher.recipe import from_dict
+    from launcher.runtime.precision import install_deepspeed_backports
     from launcher.runtime.train_loop import train
 
     spec = json.loads(Path(spec_path).read_text())
+    # bf16 without ZeRO: DeepSpeed 0.19.8 refuses BF16_Optimizer there (launcher/runtime/precision.py);
+    # the launcher's trainer installs the same backport before deepspeed.initialize
+    install_deepspeed_backports()
     rank = int(os.environ["RANK"])
     # a rank left waiting in a collective by a failed peer gives up instead of hanging the spawn
     dist.init_process_group("gloo", timeout=timedelta(seconds=spec["collective_timeout_s"]))
