@@ -83,6 +83,19 @@ def ray_start(kind: str, gcs_port: str, address: str = "$RAY_ADDRESS_JOB") -> st
     return f'"$PY" -m {RAY_MODULE} start --address="{address}" --block {common}'
 
 
+def join_until(start: str, indent: str = "") -> str:
+    """Run a worker's blocking `ray start` (`start`, the full command) until it joins: it fails
+    at once when the head's GCS is up but the head node has not registered in it yet (a loaded
+    machine, a slow head), so it is retried until `$deadline` (SECONDS). Ends the caller's shell."""
+    return "\n".join(indent + line for line in f"""\
+while :; do
+  {start} && exit 0
+  [ "$SECONDS" -lt "$deadline" ] || {{ echo "launcher: Ray did not join $RAY_ADDRESS_JOB in time" >&2; exit 1; }}
+  echo "launcher: Ray could not join $RAY_ADDRESS_JOB yet; retrying" >&2
+  sleep 3
+done""".splitlines())
+
+
 def forward_and_wait(on_signal: str = "") -> str:
     """Run-time heart of both scripts: the driver ($DRIVER) runs in the background; USR1 and TERM
     reaching the script are forwarded to it (`on_signal SIG` is called first when given), and the

@@ -190,8 +190,9 @@ def _run(recipe: Recipe, profile: SkyPilotProfile, run_dir: str) -> str:
         "%(first)d": str(PORT_FIRST), "%(last)d": str(PORT_LAST), "%(ray_env)s": js.RAY_ENV,
         "%(reserve)s": js.RESERVE_PORTS, "%(ray_ports)s": js.ray_ports("PORT_BASE"),
         "%(window)s": js.export_window("$WINDOW"),
-        "%(ray_head)s": js.ray_start("head", str(RAY_PORT)), "%(ray_worker)s": js.ray_start("worker", ""),
+        "%(ray_head)s": js.ray_start("head", str(RAY_PORT)),
         "%(forward)s": js.forward_and_wait(),
+        "%(join)s": js.join_until(js.ray_start("worker", "") + ' --node-ip-address="$NODE_IP"', "  "),
     }
     body = _RUN
     for key, value in subs.items():
@@ -235,8 +236,7 @@ if [ "$RANK" -ne 0 ]; then
     [ "$SECONDS" -lt "$deadline" ] || { echo "launcher: no Ray head at $RAY_ADDRESS_JOB" >&2; exit 1; }
     sleep 3
   done
-  %(ray_worker)s --node-ip-address="$NODE_IP"
-  exit 0
+%(join)s
 fi
 
 %(ray_head)s --node-ip-address="$NODE_IP" &

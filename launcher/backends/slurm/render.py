@@ -244,13 +244,12 @@ node_iface() {{
 # ray_node head|worker, in an srun step on its node: this node's own block of ports (the head's
 # was reserved by the batch shell on the same node), then Ray, bound to the node's address.
 ray_node() {{
-  local ip base
+  local ip base deadline=$((SECONDS + RAY_START_TIMEOUT))
   ip="$(node_ip)"
   export GLOO_SOCKET_IFNAME="${{GLOO_SOCKET_IFNAME:-$(node_iface)}}"
   if [ "$1" = head ]; then
     base="$PORT_BASE"
   else
-    local deadline=$((SECONDS + RAY_START_TIMEOUT))
     until "$PY" -c 'import socket, sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), 3)' "$HEAD_IP" "$PORT_BASE" 2>/dev/null; do
       [ "$SECONDS" -lt "$deadline" ] || {{ echo "launcher: no Ray head at $RAY_ADDRESS_JOB" >&2; exit 1; }}
       sleep 1
@@ -262,7 +261,7 @@ ray_node() {{
   if [ "$1" = head ]; then
     exec {js.ray_start("head", "$base")} --node-ip-address="$ip"
   fi
-  exec {js.ray_start("worker", "")} --node-ip-address="$ip"
+{js.join_until(js.ray_start("worker", "") + ' --node-ip-address="$ip"', "  ")}
 }}
 export -f node_ip node_iface reserve_ports ray_node
 export NET_IFACE PY RAY_START_TIMEOUT RAY_PORT_BLOCK
