@@ -1,7 +1,10 @@
 #!/usr/bin/env python
-"""Kill test: SIGKILL a 2-worker ZeRO-3 CPU run at random moments (half of the trials in the
-middle of a save), resume it, and check that every resume starts from the newest committed
-checkpoint and that the per-step losses equal those of an uninterrupted run.
+"""Kill test: SIGKILL a 2-worker ZeRO-3 CPU run at random moments (a third of the trials at any
+moment, a third in the middle of a save, a third while a background save is being written and
+training has already gone on), resume it, and check that every resume starts from the newest
+committed checkpoint and that the per-step losses equal those of an uninterrupted run. Each
+trial says where its kill landed (`in save`: a `.tmp` directory existed; `in background save`: and
+a step after it had been logged).
 
     .venv/bin/python scripts/kill-test.py --trials 20 [--seed 0] [--workdir /tmp/kill-test]
 """
@@ -18,9 +21,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from ckpt_harness import interrupt, losses, run, step_records, write_recipe  # noqa: E402
+from ckpt_harness import (  # noqa: E402
+    background_save,
+    interrupt,
+    losses,
+    run,
+    saving_now,
+    step_records,
+    write_recipe,
+)
 
 from launcher.checkpoint.layout import list_step_dirs  # noqa: E402
+
+
+def _where(run_dir: Path) -> str:
+    if background_save(run_dir) is not None:
+        return "in background save"
+    return "in save" if saving_now(run_dir) else "anywhere"
 
 
 def main() -> int:
@@ -37,12 +54,17 @@ def main() -> int:
     want = losses(base)
     rng = random.Random(a.seed)
     failures = 0
+    landed = {"anywhere": 0, "in save": 0, "in background save": 0}
     for i in range(a.trials):
         run_dir, log = a.workdir / f"trial-{i}", a.workdir / f"trial-{i}.log"
-        how = "kill-in-save" if i % 2 else "kill"
+        how = ("kill", "kill-in-save", "kill-in-background-save")[i % 3]
         after = rng.randint(1, 28)
         t0 = time.time()
-        interrupt(["run", str(recipe), "--run-dir", str(run_dir)], run_dir, log, after_step=after, how=how)
+        seen: list[str] = []
+        interrupt(["run", str(recipe), "--run-dir", str(run_dir)], run_dir, log, after_step=after, how=how,
+                  before_kill=lambda: seen.append(_where(run_dir)))
+        where = seen[0] if seen else "anywhere"
+        landed[where] += 1
         dirs = list_step_dirs(run_dir)
         newest = max((s.step for s in dirs if s.committed), default=0)
         partial = [s.path.name for s in dirs if not s.committed]
@@ -51,12 +73,13 @@ def main() -> int:
         resumed_from = resumes[0] if resumes else 0
         ok = rc == 0 and resumed_from == newest and losses(run_dir) == want and len(step_records(run_dir)) == len(want)
         failures += not ok
-        print(f"trial {i:2d}: {how:12s} after step {after:2d}  partial={partial or '-'}  newest commit={newest:2d}  "
+        print(f"trial {i:2d}: {how:23s} after step {after:2d}  landed {where:18s}  partial={partial or '-'}  newest commit={newest:2d}  "
               f"resumed from={resumed_from:2d}  losses equal={losses(run_dir) == want}  "
               f"{'OK' if ok else 'FAIL'}  ({time.time() - t0:.0f}s)", flush=True)
         if ok:
             shutil.rmtree(run_dir, ignore_errors=True)
-    print(f"{a.trials - failures}/{a.trials} trials passed")
+    print(f"{a.trials - failures}/{a.trials} trials passed; kills landed: " +
+          ", ".join(f"{k} {v}" for k, v in landed.items()))
     return 1 if failures else 0
 
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import psutil
 
@@ -104,10 +105,26 @@ def saving_now(run_dir: Path) -> bool:
     return root.is_dir() and any(p.name.endswith(".tmp") for p in root.iterdir())
 
 
-def interrupt(args: list[str], run_dir: Path, log: Path, *, after_step: int, how: str) -> int | None:
+def background_save(run_dir: Path) -> int | None:
+    """The step of a save being written while training has gone past it (a background save:
+    a `step-N.tmp` directory and a logged step after N), or None."""
+    root = run_dir / "checkpoints"
+    try:
+        tmps = [int(p.name[5:-4]) for p in root.iterdir() if p.name.startswith("step-") and p.name.endswith(".tmp")]
+    except (OSError, ValueError):
+        return None
+    if not tmps:
+        return None
+    last = max((r["step"] for r in step_records(run_dir) if isinstance(r.get("step"), int)), default=0)
+    return max(tmps) if last > max(tmps) else None
+
+
+def interrupt(args: list[str], run_dir: Path, log: Path, *, after_step: int, how: str,
+              before_kill: Callable[[], None] | None = None) -> int | None:
     """Start a run and, once `after_step` steps are logged, SIGTERM it (returns its exit code)
     or SIGKILL the whole tree (`how="kill"`, returns None); `how="kill-in-save"` waits from then
-    on for the next save in progress and kills it in the middle."""
+    on for the next save in progress and kills it in the middle; `how="kill-in-background-save"`
+    for a save still being written while training has gone on past its step."""
     p = start(args, log)
     try:
         ok = wait_for(lambda: len(step_records(run_dir)) >= after_step or p.poll() is not None)
@@ -117,6 +134,11 @@ def interrupt(args: list[str], run_dir: Path, log: Path, *, after_step: int, how
             return p.wait(300)
         if how == "kill-in-save":
             assert wait_for(lambda: saving_now(run_dir) or p.poll() is not None), "no save began"
+        if how == "kill-in-background-save":
+            assert wait_for(lambda: background_save(run_dir) is not None or p.poll() is not None, timeout=300), \
+                "no background save seen"
+        if before_kill:
+            before_kill()
         kill_tree(p)
         return None
     finally:

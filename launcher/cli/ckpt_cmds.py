@@ -210,10 +210,10 @@ def ckpt_verify(
     step: Annotated[Optional[int], typer.Option("--step", help="Verify this step (default: every committed one).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Check every file of committed checkpoints against its manifest (size and sha256).
+    """Check every file of committed checkpoints against its manifest (size and checksum).
 
-    Reads bytes only: nothing is unpickled. Exit code 1 if a file is missing, truncated or
-    corrupted, naming it.
+    Reads bytes only, several files at once: nothing is unpickled. Exit code 1 if a file is
+    missing, truncated or corrupted, naming it. Resume checks sizes only; this is the full check.
 
     Example: launcher ckpt verify runs/tiny-sft-demo --step 200
     """
