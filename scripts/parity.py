@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="model dtype of every cell and the reference (default fp32); bf16: bf16 weights and "
                          "compute, fp32 master weights and accumulation, bf16 tolerances")
     ap.add_argument("--before-fix", action="store_true",
-                    help="with --dtype bf16: train with DeepSpeed's bf16 defaults (gradients summed and reduced "
-                         "in bf16), as the launcher did before; the accumulating cells must fail")
+                    help="with --dtype bf16: train with DeepSpeed's bf16 defaults (gradients summed and "
+                         "reduced in bf16), as the launcher did before the fix")
     ap.add_argument("--noise-floor", action="store_true",
                     help="also train the reference in other summation orders and print how far it moves")
     args = ap.parse_args(argv)

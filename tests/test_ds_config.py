@@ -66,7 +66,8 @@ def test_lr_schedules():
 def test_bf16_accumulates_and_reduces_in_fp32(zero):
     """bf16 weights and compute; gradients summed over micro-batches and ranks in fp32, fp32 master
     weights, in every ZeRO stage (DeepSpeed's defaults sum them in bf16)."""
-    r = load_recipe(RECIPES / "examples/tiny-sft.yaml", ["model.dtype=bf16", f"parallelism.zero_stage={zero}"])
+    r = load_recipe(RECIPES / "examples/tiny-sft.yaml", [
+        "model.dtype=bf16", f"parallelism.zero_stage={zero}"])
     cfg = build_ds_config(r, data_parallel=2, on_gpu=False)
     assert cfg["bf16"] == {"enabled": True, "bf16_master_weights_and_grads": False}
     assert not cfg["fp16"]["enabled"]
@@ -76,7 +77,8 @@ def test_bf16_accumulates_and_reduces_in_fp32(zero):
 
 def test_fp16_accumulates_in_fp32_where_deepspeed_allows():
     for zero in (1, 2, 3):
-        r = load_recipe(RECIPES / "examples/tiny-sft.yaml", ["model.dtype=fp16", f"parallelism.zero_stage={zero}"])
+        r = load_recipe(RECIPES / "examples/tiny-sft.yaml", [
+            "model.dtype=fp16", f"parallelism.zero_stage={zero}"])
         cfg = build_ds_config(r, data_parallel=2, on_gpu=True)
         assert cfg["fp16"]["enabled"] and cfg["data_types"] == {"grad_accum_dtype": "fp32"}
         assert cfg["communication_data_type"] == "fp32"
@@ -112,11 +114,12 @@ os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0
 deepspeed.init_distributed(dist_backend="gloo")
 
 def engine_for(zero):
-    r = load_recipe(sys.argv[1], ["model.dtype=bf16", f"parallelism.zero_stage={zero}", "train.micro_batch_size=2",
-                                  "train.grad_accum=2"])
+    r = load_recipe(sys.argv[1], ["model.dtype=bf16", f"parallelism.zero_stage={zero}",
+                                  "train.micro_batch_size=2", "train.grad_accum=2"])
     cfg = build_ds_config(r, data_parallel=1, on_gpu=False)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1)).to(torch.bfloat16)
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
     return deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)[0]
 
 out = {}
@@ -128,12 +131,13 @@ except NotImplementedError as e:
 install_deepspeed_backports()
 for zero in (0, 1):
     engine = engine_for(zero)
+    fresh_has_norm = hasattr(engine.optimizer, "_global_grad_norm")  # the trainer asks before step 1
     ids = torch.randint(0, 64, (2, 8))
     for _ in range(2):
         engine.backward(engine(input_ids=ids, labels=ids).loss)
         engine.step()
     out[zero] = [type(engine.optimizer).__name__, next(engine.module.parameters()).dtype == torch.bfloat16,
-                 norm_after_step(engine), float(engine.get_global_grad_norm())]
+                 norm_after_step(engine), float(engine.get_global_grad_norm()), fresh_has_norm]
 print("RESULT" + json.dumps(out))
 """
 
@@ -160,6 +164,6 @@ def test_bf16_without_zero_and_zero1_run_on_bf16_optimizer(tmp_path):
     got = json.loads(line[len("RESULT"):])
     assert got["stock"].startswith("refused: unsupported mix"), got
     for zero in ("0", "1"):
-        name, bf16_weights, after_step, norm = got[zero]
-        assert name == "BF16_Optimizer" and bf16_weights and after_step, got
+        name, bf16_weights, after_step, norm, fresh_has_norm = got[zero]
+        assert name == "BF16_Optimizer" and bf16_weights and after_step and fresh_has_norm, got
         assert 0 < norm < float("inf"), got

@@ -95,7 +95,8 @@ class CellResult:
     update_dev: float | None = None
 
     def row(self) -> dict[str, Any]:
-        return {**asdict(self.cell), "mode": self.mode, "status": self.status, "max_rel_loss_dev": self.loss_dev,
+        return {**asdict(self.cell), "mode": self.mode, "status": self.status,
+                "max_rel_loss_dev": self.loss_dev,
                 "max_abs_weight_dev": self.weight_dev,
                 "rel_update_dev": self.update_dev, "max_rel_grad_norm_dev": self.grad_norm_dev,
                 "problems": self.problems, "seconds": self.seconds, "via": self.via}
@@ -261,15 +262,16 @@ def compare(cell: Cell, run_dir: Path, ref, mode: Mode = FP32) -> CellResult:
         return CellResult(cell, "FAIL", problems=[f"worker raised: {last}"], mode=mode.name)
     records = read_losses(run_dir)
     if [r["step"] for r in records] != list(range(1, STEPS + 1)):
-        return CellResult(cell, "FAIL", problems=[f"steps logged: {[r['step'] for r in records]}"], mode=mode.name)
+        steps = [r["step"] for r in records]
+        return CellResult(cell, "FAIL", problems=[f"steps logged: {steps}"], mode=mode.name)
     loss_dev = max(abs(r["loss"] - x) / abs(x) for r, x in zip(records, ref.losses))
     norms = [r.get("grad_norm") for r in records]
     grad_norm_dev = None
     if None not in norms:  # the launcher logs the global norm before clipping, like the reference
         grad_norm_dev = max(abs(g - x) / abs(x) for g, x in zip(norms, ref.grad_norms))
         if grad_norm_dev > tol.grad_norm_rtol:
-            problems.append(
-                f"gradient norm deviates by {grad_norm_dev:.2e} relative (tolerance {tol.grad_norm_rtol:.0e})")
+            problems.append(f"gradient norm deviates by {grad_norm_dev:.2e} relative "
+                            f"(tolerance {tol.grad_norm_rtol:.0e})")
     for r, ids in zip(records, ref.sample_ids):
         if r.get("sample_ids") != ids:
             problems.append(f"step {r['step']} trained samples {r.get('sample_ids')}, not {ids}")
@@ -297,7 +299,8 @@ def compare(cell: Cell, run_dir: Path, ref, mode: Mode = FP32) -> CellResult:
     if tol.weight_atol is not None and weight_dev is not None and weight_dev > tol.weight_atol:
         problems.append(f"weights deviate by {weight_dev:.2e} (tolerance {tol.weight_atol:.0e})")
     if tol.update_rtol is not None and update_dev is not None and update_dev > tol.update_rtol:
-        problems.append(f"weight update deviates by {update_dev:.2e} relative (tolerance {tol.update_rtol:.0e})")
+        problems.append(f"weight update deviates by {update_dev:.2e} relative "
+                        f"(tolerance {tol.update_rtol:.0e})")
     return CellResult(cell, "FAIL" if problems else "pass", loss_dev, weight_dev, grad_norm_dev, problems,
                       mode=mode.name, update_dev=update_dev)
 
@@ -307,7 +310,8 @@ def run_cells(cells: list[Cell], prep: Prepared, ref, mode: Mode = FP32) -> list
     results: dict[str, CellResult] = {}
     runnable: list[Cell] = []
     for c in cells:
-        why = refusal(recipe_dict(c, prep.model_dir, dtype=mode.dtype, deepspeed=mode.deepspeed)) if c.pp > 1 else None
+        data = recipe_dict(c, prep.model_dir, dtype=mode.dtype, deepspeed=mode.deepspeed)
+        why = refusal(data) if c.pp > 1 else None
         if why:
             results[c.name] = CellResult(c, "not run", problems=[why], mode=mode.name)
         else:
@@ -343,8 +347,8 @@ def format_table(results: list[CellResult]) -> str:
         tol = TOLERANCES[dtype]
         weights = (f"final weights {tol.weight_atol:.0e} absolute" if tol.weight_atol is not None
                    else f"weight update {tol.update_rtol:.0e} relative (L2)")
-        lines.append(f"tolerances ({dtype}): loss {tol.loss_rtol:.0e}, gradient norm {tol.grad_norm_rtol:.0e} "
-                     f"relative per step, {weights}")
+        lines.append(f"tolerances ({dtype}): loss {tol.loss_rtol:.0e}, "
+                     f"gradient norm {tol.grad_norm_rtol:.0e} relative per step, {weights}")
     return "\n".join(lines)
 
 
@@ -418,9 +422,11 @@ def noise_floor(prep: Prepared, dtype: str = "bf16") -> dict[str, Any]:
 
 def format_floor(floor: dict[str, Any]) -> str:
     """The noise floor as a small table: one row per summation order, then the largest."""
-    head = f"{'reference summed as':<26}{'rel loss dev':>14}{'rel gnorm dev':>15}{'abs weight dev':>16}{'rel update dev':>16}"
+    head = (f"{'reference summed as':<26}{'rel loss dev':>14}{'rel gnorm dev':>15}{'abs weight dev':>16}"
+            f"{'rel update dev':>16}")
     lines = [f"noise floor ({floor['dtype']}): the reference against itself in other summation orders", head]
     rows = [(f"micro {o['micro']}" + (" reversed" if o.get("reverse") else ""), o) for o in floor["orders"]]
     for name, o in [*rows, ("largest", floor["floor"])]:
-        lines.append(f"{name:<26}{o['loss']:>14.2e}{o['grad_norm']:>15.2e}{o['weight']:>16.2e}{o['update']:>16.2e}")
+        lines.append(f"{name:<26}{o['loss']:>14.2e}{o['grad_norm']:>15.2e}{o['weight']:>16.2e}"
+                     f"{o['update']:>16.2e}")
     return "\n".join(lines)
