@@ -45,12 +45,13 @@ def test_verb_modules_do_not_import_the_root_app():
         assert "launcher.cli.app" not in imported, path.name
     root = typer.main.get_command(app)
     assert list(root.commands) == [
-        "run", "plot", "resume", "estimate", "submit", "status", "logs", "cancel", "recipes", "ckpt"
+        "run", "plot", "resume", "estimate", "submit", "status", "logs", "cancel", "recipes", "ckpt", "data"
     ]
     assert list(root.commands["ckpt"].commands) == ["list", "verify", "export"]
 
 
-@pytest.mark.parametrize("verb", [["run"], ["plot"], ["recipes", "validate"], ["recipes", "show"], ["recipes", "docs"]])
+@pytest.mark.parametrize("verb", [["run"], ["plot"], ["recipes", "validate"], ["recipes", "show"], ["recipes", "docs"],
+                                  ["data", "prepare"]])
 def test_every_verb_has_help_with_an_example(verb):
     res = runner.invoke(app, [*verb, "--help"])
     assert res.exit_code == 0

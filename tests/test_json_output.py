@@ -104,6 +104,8 @@ FAST = {
                     "--dry-run", "--run-dir", str(t / "slurm-run"), "--json"], (0,)),
     ],
     ("status",): [(lambda t: ["status", "--json"], (0,))],
+    ("data", "prepare"): [(lambda t: ["data", "prepare", str(TINY), "data.synthetic.num_examples=200",
+                                      f"data.cache_dir={t / 'data-cache'}", "--json"], (0,))],
 }
 # verbs that need a trained run: one tiny run (slow) serves them all
 AFTER_A_RUN = [("run",), ("resume",), ("ckpt", "list"), ("ckpt", "verify"), ("ckpt", "export")]

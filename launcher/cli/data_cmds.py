@@ -27,9 +27,9 @@ def data_prepare(
     `launcher run` prepares whatever is missing itself, with the same code: run this on a CPU
     node first to keep GPU nodes from tokenizing, with data.cache_dir on a shared filesystem.
 
-    Examples:
-      launcher data prepare recipes/examples/tiny-pretrain.yaml
-      launcher data prepare recipes/pretrain/llama-1b-pretrain.yaml data.cache_dir=/shared/cache/data --json
+    Example: launcher data prepare recipes/examples/tiny-mix.yaml
+
+    Example: launcher data prepare recipes/pretrain/llama-1b-pretrain.yaml data.cache_dir=/shared/launcher-data --json
     """
     from launcher.data import build_tokenizer
     from launcher.data.prepare import prepare_datasets
