@@ -15,6 +15,7 @@ from launcher.runtime.pipeline import (
     _Source,
     _specs,
     causal_lm_loss,
+    chunked_causal_lm_loss_fn,
     hf_state_name,
     pipe_micro_batch,
     pipeline_layers,
@@ -44,14 +45,14 @@ def _model(name: str, tied: bool):
     return model.eval()
 
 
-def _run_layers(model, inputs):
+def _run_layers(model, inputs, chunked_loss=False):
     """The pipeline's layers, all on this process, in order (what the stages do together)."""
     from deepspeed.pipe import TiedLayerSpec
 
     source = _Source(model)
     tied: dict[str, torch.nn.Module] = {}
     x = inputs
-    for spec in _specs(model, source):
+    for spec in _specs(model, source, chunked_loss=chunked_loss):
         if isinstance(spec, TiedLayerSpec):
             module = tied.setdefault(spec.key, spec.build())
             x = spec.forward_fn(module, x) if spec.forward_fn else module(x)
@@ -88,6 +89,33 @@ def test_pipeline_layers_equal_the_hf_forward(name, tied, packed):
         loss = causal_lm_loss(model.config.vocab_size)(logits, labels)
     torch.testing.assert_close(logits, ref.logits, rtol=0, atol=ATOL)
     torch.testing.assert_close(loss, ref.loss, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("name,tied", [("llama", False), ("qwen2", True), ("gpt2", True)])
+def test_chunked_pipeline_loss_and_gradients_equal_the_hf_loss(name, tied):
+    """`train.chunked_loss` in the pipeline: the head hands (hidden, weight) to the loss, which
+    computes the logits 5 tokens at a time; loss 1e-6 and every gradient 1e-6 relative (norm)."""
+    model = _model(name, tied)  # eval: no dropout, gradients all the same
+    batch = _batch(False)
+
+    def grads():
+        out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        return out
+
+    ref = model(**batch, num_items_in_batch=7.5).loss
+    ref.backward()
+    ref_grads = grads()
+    inputs, labels = pipe_micro_batch(batch, 7.5)
+    outputs = _run_layers(model, inputs, chunked_loss=True)
+    assert len(outputs) == 2 and outputs[1] is model.lm_head.weight  # no logits leave the head
+    loss = chunked_causal_lm_loss_fn(5)(outputs, labels)
+    loss.backward()
+    got = grads()
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=0)
+    assert got.keys() == ref_grads.keys()
+    for n in got:
+        assert torch.linalg.vector_norm(got[n] - ref_grads[n]) <= 1e-6 * torch.linalg.vector_norm(ref_grads[n]), n
 
 
 def test_sliding_window_is_in_effect():

@@ -189,3 +189,77 @@ def test_pipeline_decoder_layers_checkpoint_in_the_mode(monkeypatch):
         else:
             assert seen["activation_checkpoint_interval"] == 1 and expect in fn.keywords
             assert ("context_fn" in fn.keywords) == (mode == "selective")
+
+
+# --- under ZeRO-3 (one spawned process) ------------------------------------------------------------------
+
+ZERO3_CASES = [("none", 0), ("selective", 8), ("full", 0)]
+"""(activation_checkpointing, train.chunked_loss): the chunked loss fetches the head's partitioned
+weight through the head's own ZeRO-3 hooks, and the recompute fetches the layers' weights again.
+One rank is enough for that (its parameters are placeholders outside the hooks, as on many)."""
+
+
+def _zero3_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import gc
+    import json
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from launcher.data import build_tokenizer
+    from launcher.runtime.ds_config import build_ds_config
+    from launcher.runtime.model import build_model, param_groups
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    losses = {}
+    for mode, chunk in ZERO3_CASES:
+        d = tiny_recipe_dict(parallelism={"zero_stage": 3}, resources={"cpu_workers": world})
+        d["model"]["activation_checkpointing"] = mode
+        d["model"]["config"]["tie_word_embeddings"] = True  # the head's weight is the embedding's
+        d["train"] = {"max_steps": 2, "micro_batch_size": 2, "lr": 1e-2, "chunked_loss": chunk}
+        recipe = from_dict(d)
+        ds_config = build_ds_config(recipe, data_parallel=world, on_gpu=False)
+        # partition even the tiny parameters (by default ZeRO-3 keeps those under 1e5 gathered)
+        ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        hf = HfDeepSpeedConfig(ds_config)  # noqa: F841  (zero.Init while building, as the runtime)
+        tok = build_tokenizer(recipe.tokenizer, None)
+        model = build_model(recipe.model, tok, seed=0, chunked_loss=recipe.train.chunked_loss)
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.0),
+                                               config=ds_config)
+        run = []
+        batch = _batch(rank)
+        batch["input_ids"] = batch["input_ids"] % 200 + 3
+        for _ in range(2):
+            loss = engine(**batch, num_items_in_batch=20.0).loss
+            engine.backward(loss)
+            engine.step()
+            run.append(loss.item())
+        # partitioned: outside the modules' hooks this rank holds placeholders only
+        assert all(p.data.numel() == 0 for p in engine.module.parameters())
+        losses[f"{mode}-{chunk}"] = run
+        del engine, model, hf
+        gc.collect()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(losses, f)
+
+
+@pytest.mark.slow
+def test_zero3_selective_full_and_chunked_train_as_none(tmp_path):
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_zero3_worker, args=(1, port, str(tmp_path)), nprocs=1, join=True)
+    losses = json.loads((tmp_path / "rank0.json").read_text())
+    ref = losses["none-0"]
+    assert ref[-1] < ref[0], losses
+    assert len(losses) == len(ZERO3_CASES)
+    for case, run in losses.items():
+        torch.testing.assert_close(run, ref, rtol=1e-6, atol=0, msg=f"{case}: {losses}")

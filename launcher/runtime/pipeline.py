@@ -5,6 +5,8 @@ The model is cut into layers that pass one tuple of tensors along the pipeline:
     (input_ids, attention_mask, position_ids)          into the first stage
     (hidden_states, attention_mask, position_ids)      between decoder layers
     hidden_states -> logits                            final norm, LM head
+    hidden_states -> (hidden_states, head weight)      the same, with `train.chunked_loss`: the
+                                                       loss computes the logits a chunk at a time
 
 Only `hidden_states` is floating point (the pipe engine sends gradients back for floating-point
 tensors only); the integer mask and positions travel along so that every stage can build its
@@ -139,6 +141,11 @@ def tied_head(embedding: EmbeddingPipe, hidden: torch.Tensor) -> torch.Tensor:
     return nn.functional.linear(hidden, embedding.mod.weight)
 
 
+def tied_head_for_chunked_loss(embedding: EmbeddingPipe, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tied LM head left to the chunked loss: (hidden, the embedding matrix)."""
+    return hidden, embedding.mod.weight
+
+
 class PositionPipe(nn.Module):
     """GPT-2's learned positions (and embedding dropout), as `GPT2Model.forward`."""
 
@@ -194,17 +201,22 @@ class NormPipe(nn.Module):
 
 
 class HeadPipe(nn.Module):
-    """Untied LM head: hidden -> logits."""
+    """Untied LM head: hidden -> logits; or, for the chunked loss, hidden -> (hidden, weight[, bias]),
+    the loss computing the logits a chunk at a time (the last stage's output goes nowhere else)."""
 
-    def __init__(self, source: _Source, path: str) -> None:
+    def __init__(self, source: _Source, path: str, chunked: bool = False) -> None:
         super().__init__()
         self.mod = source.get(path)
+        self.chunked = chunked
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.mod(hidden)
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        if not self.chunked:
+            return self.mod(hidden)
+        bias = self.mod.bias
+        return (hidden, self.mod.weight) if bias is None else (hidden, self.mod.weight, bias)
 
 
-def _specs(model: nn.Module, source: _Source) -> list[Any]:
+def _specs(model: nn.Module, source: _Source, chunked_loss: bool = False) -> list[Any]:
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
     config = model.config
@@ -224,10 +236,11 @@ def _specs(model: nn.Module, source: _Source) -> list[Any]:
     specs += [LayerSpec(DecoderLayerPipe, source, path, i) for i, path in enumerate(blocks)]
     specs.append(LayerSpec(NormPipe, source, norm))
     if tied:
-        specs.append(TiedLayerSpec("embed", EmbeddingPipe, source, embed, forward_fn=tied_head,
+        head_fn = tied_head_for_chunked_loss if chunked_loss else tied_head
+        specs.append(TiedLayerSpec("embed", EmbeddingPipe, source, embed, forward_fn=head_fn,
                                    tied_weight_attr=["mod.weight"]))
     else:
-        specs.append(LayerSpec(HeadPipe, source, "lm_head"))
+        specs.append(LayerSpec(HeadPipe, source, "lm_head", chunked_loss))
     return specs
 
 
@@ -239,6 +252,20 @@ def causal_lm_loss(vocab_size: int) -> Any:
         token_labels, num_items = labels
         # a Python float, as in the non-pipeline path, so that the loss is computed identically
         return ForCausalLMLoss(logits, token_labels, vocab_size, num_items_in_batch=float(num_items))
+
+    return loss_fn
+
+
+def chunked_causal_lm_loss_fn(chunk_tokens: int) -> Any:
+    """The last stage's loss from (hidden, head weight[, bias]): `causal_lm_loss`'s value, with the
+    logits of `chunk_tokens` tokens at a time (launcher/runtime/chunked_loss.py)."""
+    from launcher.runtime.chunked_loss import chunked_causal_lm_loss
+
+    def loss_fn(outputs: tuple[torch.Tensor, ...], labels: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        hidden, weight, *bias = outputs
+        token_labels, num_items = labels
+        return chunked_causal_lm_loss(hidden, weight, token_labels, float(num_items), chunk_tokens,
+                                      bias[0] if bias else None)
 
     return loss_fn
 
@@ -256,11 +283,13 @@ def _checkpointing(mode: str | bool) -> dict[str, Any]:
 
 
 def build_pipeline_module(
-    model: nn.Module, *, stages: int, partition: str = "parameters", activation_checkpointing: str | bool = "none"
+    model: nn.Module, *, stages: int, partition: str = "parameters", activation_checkpointing: str | bool = "none",
+    chunked_loss: int = 0,
 ) -> Any:
     """Turn the Hugging Face `model` into a `PipelineModule` over `stages` stages (the
     data-parallel size is the world size / stages). This rank keeps only its stage's layers.
-    `activation_checkpointing`: none, selective or full (a boolean: full or none)."""
+    `activation_checkpointing`: none, selective or full (a boolean: full or none); `chunked_loss`:
+    tokens per chunk of the last stage's loss (`train.chunked_loss`; 0: the whole logits)."""
     from deepspeed.pipe import PipelineModule
 
     config = model.config
@@ -271,9 +300,9 @@ def build_pipeline_module(
     method = {"parameters": "parameters", "layers": f"type:{DecoderLayerPipe.__name__}"}[partition]
     ckpt_kwargs = _checkpointing(activation_checkpointing)
     module = PipelineModule(
-        layers=_specs(model, source),
+        layers=_specs(model, source, chunked_loss=chunked_loss > 0),
         num_stages=stages,
-        loss_fn=causal_lm_loss(config.vocab_size),
+        loss_fn=chunked_causal_lm_loss_fn(chunked_loss) if chunked_loss > 0 else causal_lm_loss(config.vocab_size),
         partition_method=method,
         dynamic_shape=True,  # sequence lengths vary from batch to batch
         **ckpt_kwargs,
