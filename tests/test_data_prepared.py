@@ -230,3 +230,22 @@ def test_a_prepare_killed_at_a_random_moment_leaves_nothing_training_accepts(tmp
     prep = prepare_datasets(r, tok())  # finishes the job, or finds the one that was committed
     same(build_datasets(r, tok()).train, prep.train)
     print("killed before commit / after:", outcomes)
+
+
+def test_launcher_run_trains_on_prepared_data_equal_to_the_in_memory_examples(tmp_path):
+    """`launcher run` (job.preflight) hands the workers prepared, memory-mapped splits: the resume
+    and reshard tests (tests/test_checkpoint_resume.py, through `launcher run`) run on them, and
+    they hold the examples the in-memory path makes, so the uninterrupted losses are unchanged."""
+    from ckpt_harness import RECIPE
+    from launcher.recipe import load_recipe
+    from launcher.runtime.job import preflight
+
+    path = tmp_path / "ckpt.yaml"
+    path.write_text(RECIPE.format(root=ROOT))
+    r = load_recipe(path, [f"data.cache_dir={tmp_path / 'cache'}"])
+    tokenizer, data = preflight(r)
+    assert isinstance(data.train, PreparedSplit) and isinstance(data.eval, PreparedSplit)
+    mem = build_datasets(r, tokenizer)
+    same(mem.train, data.train)
+    same(mem.eval, data.eval)
+    assert len(pickle.dumps(data)) < 10_000  # what Ray ships to each worker
