@@ -249,3 +249,23 @@ def test_launcher_run_trains_on_prepared_data_equal_to_the_in_memory_examples(tm
     same(mem.train, data.train)
     same(mem.eval, data.eval)
     assert len(pickle.dumps(data)) < 10_000  # what Ray ships to each worker
+
+
+def test_a_streamed_hub_source_is_prepared_batch_by_batch(tmp_path, monkeypatch):
+    """`streaming: true`: rows come from an IterableDataset (here a local one in place of the
+    hub), are tokenized as they arrive, and evaluation is held out by sequences."""
+    import datasets
+
+    from launcher.data import sources
+
+    rows = TEXT * 4
+    monkeypatch.setattr(sources, "open_hub", lambda data, key="data.hub": datasets.Dataset.from_list(rows).to_iterable_dataset())
+    monkeypatch.setattr("launcher.data.prepare._hub_revision", lambda d: "abc123")
+    r = recipe(tmp_path, "pretrain", format="text", hub="someone/corpus", streaming=True, packing=True, eval_fraction=0.1)
+    prep = prepare_datasets(r, tok())
+    whole = build_datasets(recipe(tmp_path, "pretrain", format="text", path=[str(write_jsonl(tmp_path / "t.jsonl", rows))],
+                                  packing=True), tok()).train
+    got = sorted([prep.train[i] for i in range(len(prep.train))] + [prep.eval[i] for i in range(len(prep.eval))],
+                 key=lambda e: e["input_ids"])
+    assert got == sorted(whole, key=lambda e: e["input_ids"])  # every sequence, in train or eval
+    assert len(prep.eval) == round(len(whole) * 0.1) and prep.stats["rows"] == len(rows)

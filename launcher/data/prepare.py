@@ -213,8 +213,10 @@ def _tokenize_into(part: Any, writer: SplitWriter, plan: SourcePlan, tokenizer: 
     global _COUNTER
     d = plan.data
     kwargs = dict(tokenizer=tokenizer, data=d, names=names, columns=plan.columns, roles=plan.roles)
-    drop = list(part.column_names or []) if part.column_names else None
+    drop = part.column_names
     if isinstance(part, datasets.IterableDataset):
+        if drop is None:  # a streamed dataset's columns are known once a row is read
+            drop = list(next(iter(part.take(1)), {}).keys())
         mapped = part.map(encode.encode_batch, batched=True, batch_size=ROWS_PER_BATCH,
                           remove_columns=drop, fn_kwargs=kwargs)
         batches = mapped.with_format("arrow").iter(batch_size=ROWS_PER_BATCH)
