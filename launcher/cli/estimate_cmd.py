@@ -61,6 +61,13 @@ def estimate(
         bool,
         typer.Option("--offline-prices", help="Use the shipped price table (the default; overrides --live-prices)."),
     ] = False,
+    search: Annotated[
+        bool, typer.Option("--search", help="List the cheapest layouts that fit even when the recipe fits as it is.")
+    ] = False,
+    apply: Annotated[
+        Optional[int], typer.Option("--apply", help="Write layout N of the list as RECIPE.layout-N.yaml beside the "
+                                    "recipe (it inherits the recipe; with --model: print the overrides).")
+    ] = None,
     trace: Annotated[
         bool, typer.Option("--trace", help="Also run one training step of the architecture on fake tensors "
                            "(no GPU, no weights; under a minute for 8B) and print the traced peak per category.")
@@ -79,6 +86,8 @@ def estimate(
     Example: launcher estimate --model meta-llama/Llama-3.1-70B --gpu A100-80GB --node-memory 1152 --json
 
     Example: launcher estimate recipes/sft/llama-3.1-8b-full-sft.yaml --trace
+
+    Example: launcher estimate recipes/sft/llama-3.1-8b-full-sft.yaml --gpu L4 --apply 1
     """
     from launcher.estimate import estimate_recipe, format_estimate, model_recipe
 
@@ -101,7 +110,7 @@ def estimate(
                   mfu=mfu, avg_seq_len=avg_seq_len, dataset_rows=dataset_rows, network_gbps=network_gbps,
                   preemption_rate=preemption_rate, node_memory_gb=node_memory)
     est = estimate_recipe(r, **kwargs, live_prices=live_prices and not offline_prices,
-                          title=f"--model {model}" if model else None)
+                          title=f"--model {model}" if model else None, search=search or apply is not None)
     if trace:
         from launcher.estimate.trace import trace_estimate
 
@@ -113,7 +122,21 @@ def estimate(
             raise UserError("--calibrate-steps: at least 2 (the first step is not timed)")
         cal_kwargs = {k: v for k, v in kwargs.items() if k in ("gpu", "mfu", "avg_seq_len", "node_memory_gb")}
         run_calibration(est, r, steps=calibrate_steps, workers=calibrate_workers, estimate_kwargs=cal_kwargs)
+    applied = _apply(est, apply, r, recipe if not model else None, extra) if apply is not None else None
     if as_json:
-        print(json.dumps(est.to_json(), indent=2, default=str))
-    else:
-        print(format_estimate(est), end="")
+        print(json.dumps({**est.to_json(), **({"applied": applied} if applied else {})}, indent=2, default=str))
+        return
+    print(format_estimate(est), end="")
+    if applied:
+        print(f"\napplied  layout {apply}: " + (f"wrote {applied['recipe']}; run it with: launcher run "
+              f"{applied['recipe']}" if applied.get("recipe") else "overrides " + " ".join(applied["overrides"])))
+
+
+def _apply(est: object, n: int, r: object, recipe: str | None, extra: list[str]) -> dict:
+    """--apply N: the layout's overrides, written as a recipe beside RECIPE (--model: printed only)."""
+    from launcher.estimate.apply import chosen, write_layout_recipe
+
+    s = chosen(est, n)
+    if recipe is None:
+        return {"layout": n, "overrides": s.overrides(), "recipe": None}
+    return {"layout": n, "overrides": s.overrides(), "recipe": str(write_layout_recipe(recipe, r, extra, est, n))}

@@ -58,6 +58,8 @@ def flops_per_token(shape: ModelShape, lay: Layout) -> float:
     n_matmul = shape.total - (0 if shape.tied else shape.vocab * shape.hidden)
     attn = 12 * shape.num_layers * shape.heads * shape.head_dim * lay.seq_len
     base = 6 * n_matmul + attn
+    if lay.ckpt == "selective":  # recomputes the attention core's forward (a third of its term)
+        return base + attn / 3
     return base * 4 / 3 if lay.grad_ckpt else base
 
 
@@ -72,7 +74,7 @@ def comm_bytes_per_gpu(shape: ModelShape, lay: Layout) -> float:
     if lay.zero_stage == 3:
         # every micro-batch: all-gather weights for forward and backward (and the recompute),
         # reduce-scatter gradients
-        per_micro = (3 + (1 if lay.grad_ckpt else 0)) * w * P * ring
+        per_micro = (3 + (1 if lay.ckpt == "full" else 0)) * w * P * ring  # selective recomputes no matmul
         return per_micro * lay.grad_accum
     if lay.zero_stage == 2:
         return lay.grad_accum * w * P * ring + w * P * ring  # reduce-scatter per micro-batch + all-gather

@@ -176,6 +176,12 @@ def chunked_loss(recipe: Recipe) -> dict[str, Any]:
     return {"chunked_loss": True, "chunk_tokens": tokens}
 
 
+def cheapest_gpu_hour(gpu: Gpu) -> float | None:
+    """The lowest on-demand $/GPU-hour of the shipped price table for `gpu` (None: not listed)."""
+    rates = [o.usd_per_hour / o.gpus for o in prices.load_prices().offers if o.gpu == gpu.name and o.gpus]
+    return min(rates) if rates else None
+
+
 def _price_table(live: bool, notes: list[str]) -> prices.PriceTable:
     if live:
         table, why = prices.live_prices()
@@ -235,6 +241,7 @@ def estimate_recipe(
     live_prices: bool = False,
     node_memory_gb: float | None = None,
     title: str | None = None,
+    search: bool = False,
 ) -> Estimate:
     """Estimate memory per GPU, CPU memory per node, time and cost for `recipe`'s layout.
 
@@ -242,6 +249,7 @@ def estimate_recipe(
     on-prem row (named `onprem_name`); `node_memory_gb` is the host RAM per node in GiB (default:
     the GPU type's usual machines). `fits` is None when neither the recipe nor `gpu` names GPUs.
     `live_prices` reads SkyPilot's catalog (a child process with a timeout) instead of the table.
+    `search`: search for the cheapest layouts that fit even when the recipe's own fits.
     """
     from launcher.runtime.ds_config import build_ds_config
 
@@ -301,8 +309,8 @@ def estimate_recipe(
 
         own = check(lay)
         est.gpu_fits, est.host_fits, est.fits = own.gpu_fits, own.host_fits, own.fits
-        if not est.fits:
-            est.suggestions = suggest(lay, check)
+        if not est.fits or search:
+            est.suggestions = suggest(lay, check, usd_per_gpu_hour=usd_per_gpu_hour or cheapest_gpu_hour(gpu_spec))
         est.time = time_for(lay, gpu_spec)
         est.warnings += est.time.warnings
         if avg_seq_len is None and not recipe.data.packing:
@@ -362,7 +370,7 @@ def model_recipe(name: str, overrides: list[str] | None = None) -> Recipe:
 
     base = {
         "name": "estimate",
-        "model": {"name_or_path": name, "dtype": "bf16", "gradient_checkpointing": True},
+        "model": {"name_or_path": name, "dtype": "bf16", "activation_checkpointing": "full"},
         "data": {"format": "alpaca", "hub": "unspecified", "max_seq_len": 2048},
         "train": {"max_steps": 1000, "micro_batch_size": 1, "grad_accum": 1},
         "parallelism": {"zero_stage": 3},

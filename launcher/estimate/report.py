@@ -38,19 +38,23 @@ def _verdict(est) -> str:  # noqa: ANN001
 
 
 def _suggestion_lines(est) -> list[str]:  # noqa: ANN001
-    out = ["changes that would make it fit (each re-estimated; time against the recipe's layout):"
-           if any(x.fits for x in est.suggestions) else "no single change makes it fit; closest:"]
-    for x in est.suggestions[:8]:
-        mark = "fits     " if x.fits else ("GPU short" if not x.gpu_fits else "RAM short")
+    if not est.suggestions:
+        return ["no layout in the search fits (ZeRO 0-3, offload, checkpointing, micro-batch, up to 64 nodes): "
+                "a larger GPU (--gpu) or a shorter data.max_seq_len"]
+    out = ["cheapest layouts that fit (each re-estimated; --apply N writes one as a recipe):"]
+    for i, x in enumerate(est.suggestions, 1):
         speed = f"step {x.step_time_s:,.2f} s" if x.step_time_s is not None else ""
         if x.total_hours is not None:
             speed += f", {_hours(x.total_hours)}"
+        if x.total_usd is not None:
+            speed += f", ${x.total_usd:,.0f}"
+        elif x.usd_per_million_tokens is not None:
+            speed += f", ${x.usd_per_million_tokens:,.2f} per million tokens"
         if x.slow:
             speed += f" ({x.slowdown:,.0f}x slower)"
-        out.append(f"  [{mark}] {gib(x.per_gpu_total_bytes):>8} GiB/GPU "
-                   f"{gib(x.cpu_bytes_per_node):>9} GiB host  {speed}")
-        out.append(f"              {x.description}")
-        out.append(f"              {x.change}")
+        out.append(f"  {i:>2}. {gib(x.per_gpu_total_bytes):>8} GiB/GPU {gib(x.cpu_bytes_per_node):>9} GiB host  {speed}")
+        out.append(f"      {x.description}")
+        out.append(f"      {x.change}")
     return out
 
 
@@ -118,7 +122,7 @@ def format_estimate(est) -> str:  # noqa: ANN001  (launcher.estimate.estimator.E
     w(_verdict(est))
     if est.trace:
         out += _trace_lines(est)
-    if est.suggestions:
+    if est.suggestions or est.fits is False:
         out += _suggestion_lines(est)
     w("")
     w(_host_line(est))
