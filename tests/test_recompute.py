@@ -159,6 +159,18 @@ def test_selective_recomputes_attention_and_elementwise_ops_but_no_matmul(name):
 CONFIGS_LAYERS = {"llama": 2, "gpt2": 2}
 
 
+def test_a_model_that_cannot_recompute_is_a_recipe_error():
+    model = _model("llama", "none")
+    type(model).supports_gradient_checkpointing = False  # as some remote-code models
+    try:
+        want = "model.activation_checkpointing: LlamaForCausalLM cannot .* set model.activation_checkpointing=none"
+        with pytest.raises(RecipeError, match=want):
+            apply_activation_checkpointing(model, "selective")
+    finally:
+        del type(model).supports_gradient_checkpointing
+    assert apply_activation_checkpointing(model, "none") is model
+
+
 def test_pipeline_decoder_layers_checkpoint_in_the_mode(monkeypatch):
     """build_pipeline_module hands DeepSpeed the mode's checkpoint function and turns off the
     Hugging Face layers' own (they would checkpoint twice)."""

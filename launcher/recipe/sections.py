@@ -380,7 +380,7 @@ class TrainConfig:
         _require(self.max_grad_norm >= 0, "train.max_grad_norm", "must be 0 or more")
         _require(self.eval_every >= 0, "train.eval_every", "must be 0 or more")
         _require(self.eval_batches >= 1, "train.eval_batches", "must be at least 1")
-        _require(self.chunked_loss >= 0, "train.chunked_loss", "must be 0 (off) or a number of tokens, e.g. 1024")
+        _require(self.chunked_loss >= 0, "train.chunked_loss", "must be 0 (off) or tokens per chunk, e.g. 1024")
 
 
 @dataclass(kw_only=True, slots=True)

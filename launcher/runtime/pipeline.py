@@ -283,8 +283,8 @@ def _checkpointing(mode: str | bool) -> dict[str, Any]:
 
 
 def build_pipeline_module(
-    model: nn.Module, *, stages: int, partition: str = "parameters", activation_checkpointing: str | bool = "none",
-    chunked_loss: int = 0,
+    model: nn.Module, *, stages: int, partition: str = "parameters",
+    activation_checkpointing: str | bool = "none", chunked_loss: int = 0,
 ) -> Any:
     """Turn the Hugging Face `model` into a `PipelineModule` over `stages` stages (the
     data-parallel size is the world size / stages). This rank keeps only its stage's layers.
@@ -302,7 +302,7 @@ def build_pipeline_module(
     module = PipelineModule(
         layers=_specs(model, source, chunked_loss=chunked_loss > 0),
         num_stages=stages,
-        loss_fn=chunked_causal_lm_loss_fn(chunked_loss) if chunked_loss > 0 else causal_lm_loss(config.vocab_size),
+        loss_fn=chunked_causal_lm_loss_fn(chunked_loss) if chunked_loss else causal_lm_loss(config.vocab_size),
         partition_method=method,
         dynamic_shape=True,  # sequence lengths vary from batch to batch
         **ckpt_kwargs,

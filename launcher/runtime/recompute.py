@@ -25,6 +25,8 @@ from typing import Any, Callable
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from launcher.errors import RecipeError
+
 MODES = ("none", "selective", "full")
 
 SAVED_OPS = frozenset({torch.ops.aten.mm.default, torch.ops.aten.addmm.default})
@@ -69,6 +71,9 @@ def apply_activation_checkpointing(model: torch.nn.Module, mode: str | bool) -> 
         if getattr(model, "is_activation_checkpointing", False):
             model.activation_checkpointing_disable()
         return model
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise RecipeError("model.activation_checkpointing", f"{type(model).__name__} cannot recompute its "
+                          "activations: set model.activation_checkpointing=none")
     # transformers wraps each GradientCheckpointingLayer's forward in this checkpoint function
     model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs(mode))
     return model
