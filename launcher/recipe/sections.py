@@ -453,6 +453,11 @@ class CheckpointConfig:
 
     every_steps: int = 0
     """Save a checkpoint every N optimizer steps (0: only at the end when `at_end` is set)."""
+    background: bool = True
+    """Write the periodic checkpoints (`every_steps`) in the background: training waits only
+    while the state is copied to host memory, then goes on while the files are written, hashed,
+    synced and committed. At most one save is in flight; a stop request and the end of training
+    wait for it. The save at a stop and at the end is always written before the run ends."""
 
     at_end: bool = False
     """Save a checkpoint when training ends."""

@@ -51,6 +51,7 @@ def finish(trainer: Any) -> dict[str, Any]:
     if trainer.data.eval and (trained or p.last_eval is None):
         trainer.evaluate(steps)
     final_dir = trainer.save(steps) if (ck.at_end or ck.every_steps or ck.export_hf_at_end) else None
+    trainer.ckpt.wait()  # a background save still in flight (no save at the end) lands first
     trainer.signals.restore()
     samples, skipped = _samples(trainer)
     summary = {

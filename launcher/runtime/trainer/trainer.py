@@ -159,7 +159,7 @@ class Trainer:
         if self.data.eval and t.eval_every and step % t.eval_every == 0 and step != self.steps:
             self.evaluate(step)
         if ck.every_steps and step % ck.every_steps == 0 and step != self.steps:
-            self.save(step)
+            self.save(step, background=ck.background)
 
     def evaluate(self, step: int) -> float:
         loss = self.strategy.evaluate(self.data.eval, self.recipe, self.tokenizer.pad_token_id)
@@ -176,15 +176,23 @@ class Trainer:
         return {**self.progress.saved(), "rank": self.ctx.rank, "sampler": self.sampler.state_dict(),
                 "scheduler": jsonable_scheduler(self.scheduler.state_dict()), "rng": capture_rng()}
 
-    def save(self, step: int) -> Path | None:
+    def save(self, step: int, *, background: bool = False) -> Any:
+        """Save `step`; with `background`, return once the state is in host memory (a handle),
+        the files being written meanwhile. A save in flight is finished first."""
         from launcher.checkpoint.preempt import SaveAborted
 
         def check_abort() -> None:
             if self.signals.aborted(self.run_dir):
                 raise SaveAborted("a second stop request arrived during the save")
 
+        if background:
+            # A second signal during a background save aborts it through check_abort, in the
+            # saving thread; the handler must not raise in the middle of a training step.
+            return self.ckpt.save(self.engine, step, self.rank_state(), before_commit=check_abort,
+                                  background=True)
         self.signals.saving = True
         try:
+            self.ckpt.wait()  # the save in flight first: its files are not covered by this flag
             return self.ckpt.save(self.engine, step, self.rank_state(), before_commit=check_abort)
         finally:
             self.signals.saving = False
@@ -196,6 +204,7 @@ class Trainer:
         from launcher.runtime.trainer.finish import save_if_time
 
         preempted = {"step": step, "signal": self.signals.stop_signal(self.run_dir), "time": now}
+        self.ckpt.wait()  # a background save in flight lands (or fails) before the decision
         preempted["committed"] = save_if_time(self.save, self.ckpt, step, deadline, now)
         self.signals.restore()
         if self.writer:
