@@ -37,9 +37,10 @@ class Tolerances:
 
 TOLERANCES = {
     "fp32": Tolerances(loss_rtol=1e-5, grad_norm_rtol=1e-5, weight_atol=2e-5),
-    # 3x the largest deviation between two bf16 references that differ only in how the global
-    # batch is split and summed (the noise floor, measured by `noise_floor`; docs/parity.md)
-    "bf16": Tolerances(loss_rtol=1e-3, grad_norm_rtol=1e-2, weight_atol=None, update_rtol=1e-2),
+    # 3-4x the largest deviation between bf16 references that differ only in how the global
+    # batch is split and summed (the noise floor, `noise_floor`: loss 2.5e-5, gradient norm
+    # 6.7e-4, weight update 7.6e-3; docs/parity.md)
+    "bf16": Tolerances(loss_rtol=1e-4, grad_norm_rtol=3e-3, weight_atol=None, update_rtol=3e-2),
 }
 LOSS_RTOL = TOLERANCES["fp32"].loss_rtol
 GRAD_NORM_RTOL = TOLERANCES["fp32"].grad_norm_rtol
