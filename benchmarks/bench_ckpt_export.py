@@ -2,13 +2,13 @@
 
 Builds (once, in --workdir) a run directory with a ZeRO-3 checkpoint of a ~370M-parameter Llama
 (hidden 1024, 24 layers, vocab 32000, untied embeddings; random init, one optimizer step so the
-Adam moments are in the shards) written by two gloo ranks on CPU. Then runs, each in its own
+Adam moments are in the shards) written by two gloo ranks on CPU, or with `--size 1.3b` of a
+1.3B-parameter one (hidden 2048, intermediate 5504) written directly in the same layout. Then runs, each in its own
 process: `convert_zero_checkpoint_to_fp32_state_dict` (safetensors output), our export with
 --dtype fp32 (the same output), and our export with --dtype bf16. For each: wall time and peak
-RSS of that process (`ru_maxrss` from wait4). Goal: export faster than zero_to_fp32 at <= 1/3 of
-its peak RSS.
+RSS of that process (`ru_maxrss` from wait4).  Goals: <= 0.5x zero_to_fp32's time and <= 1/3 of its peak RSS at both sizes.
 
-    python benchmarks/bench_ckpt_export.py [--workdir /tmp/bench-ckpt-export] [--keep]
+    python benchmarks/bench_ckpt_export.py [--size 374m|1.3b] [--workdir /tmp/bench-ckpt-export] [--keep]
 """
 
 from __future__ import annotations
@@ -25,6 +25,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TAG = "step-00000001"
+
+SIZES = {
+    "374m": {"hidden_size": 1024, "intermediate_size": 2816, "num_attention_heads": 16, "num_key_value_heads": 16},
+    "1.3b": {"hidden_size": 2048, "intermediate_size": 5504, "num_attention_heads": 16, "num_key_value_heads": 16},
+}
 
 RECIPE = {
     "name": "bench-export",
@@ -78,11 +83,79 @@ def _worker(run_dir: Path) -> None:
     dist.barrier()
     if dist.get_rank() == 0:
         (run_dir / "recipe.yaml").write_text(to_yaml(recipe))
-        (run_dir / "checkpoints" / TAG / "manifest.json").write_text("{}\n")
+        _commit(run_dir / "checkpoints" / TAG)
         (run_dir / "checkpoints" / "latest").write_text(TAG)
         n = sum(p.ds_numel for p in engine.module.parameters())
         (run_dir / "params.txt").write_text(f"{n}\n")
     dist.barrier()
+
+
+def _commit(step_dir: Path) -> None:
+    """A manifest listing every file with its size (what `ckpt export` checks; no checksums)."""
+    files = {p.name: {"size": p.stat().st_size} for p in step_dir.iterdir() if p.is_file() and p.name != "manifest.json"}
+    (step_dir / "manifest.json").write_text(json.dumps({"format": 2, "files": files}) + "\n")
+
+
+def fabricate_checkpoint(run_dir: Path, size: str) -> None:
+    """A ZeRO-3 checkpoint of two ranks in DeepSpeed 0.19's exact layout (model states with
+    `param_shapes`, optimizer files with `fp32_flat_groups` and Adam's moments), written without
+    training: a model of 1.3B parameters cannot be trained on a small CPU machine, but its
+    checkpoint can be written one rank at a time. The fp32 weights are random, the moments zero
+    (never-written pages: they cost no memory while being saved)."""
+    import collections
+
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from launcher.recipe import from_dict, to_yaml
+    from launcher.runtime.ds_config import build_ds_config
+
+    recipe_d = json.loads(json.dumps(RECIPE))
+    recipe_d["model"]["config"].update(SIZES[size])
+    recipe = from_dict(recipe_d)
+    cfg = {k: v for k, v in recipe_d["model"]["config"].items() if k != "model_type"}
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **cfg))
+    named = list(model.named_parameters())
+    decay = [(n, p.shape) for n, p in named if p.dim() >= 2]
+    no_decay = [(n, p.shape) for n, p in named if p.dim() < 2]
+    groups = [collections.OrderedDict((n, torch.Size(s)) for n, s in g) for g in (decay, no_decay)]
+    world, step_dir = 2, run_dir / "checkpoints" / TAG
+    step_dir.mkdir(parents=True, exist_ok=True)
+    ds_config = build_ds_config(recipe, data_parallel=world, on_gpu=False)
+    gen = torch.Generator().manual_seed(0)
+    for rank in range(world):
+        flats, state = [], {}
+        for gi, g in enumerate(groups):
+            numel = sum(-(-s.numel() // world) for s in g.values())
+            flat = torch.empty(numel)
+            for start in range(0, numel, 1 << 24):  # random weights, a chunk at a time
+                n = min(1 << 24, numel - start)
+                flat[start:start + n] = torch.randn(n, generator=gen) * 0.02
+            flats.append(flat)
+            state[gi] = {"exp_avg": torch.empty(numel), "exp_avg_sq": torch.empty(numel), "step": torch.tensor(1.0)}
+        pgroups = [{"weight_decay": 0.1 if gi == 0 else 0.0, "lr": 1e-4, "betas": (0.9, 0.95), "eps": 1e-8,
+                    "amsgrad": False, "params": [gi]} for gi in range(len(groups))]
+        optim = {"optimizer_state_dict": {
+            "zero_stage": ZeroStageEnum.weights, "loss_scaler": LossScaler(1.0), "dynamic_loss_scale": False,
+            "overflow": False, "partition_count": world,
+            "optimizer_state_dict": {"state": state, "param_groups": pgroups}, "fp32_flat_groups": flats},
+            "ds_config": ds_config, "ds_version": "0.19.8"}
+        torch.save(optim, step_dir / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+        del optim, flats, state
+        module = collections.OrderedDict((n, torch.empty(0)) for n, _ in named)
+        states = {"module": module, "buffer_names": [], "optimizer": None, "param_shapes": groups,
+                  "frozen_param_shapes": collections.OrderedDict(), "shared_params": {},
+                  "frozen_param_fragments": collections.OrderedDict(), "lr_scheduler": None,
+                  "global_steps": 1, "global_samples": 1, "dp_world_size": world, "mp_world_size": 1,
+                  "ds_config": ds_config, "ds_version": "0.19.8"}
+        torch.save(states, step_dir / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt")
+    (run_dir / "recipe.yaml").write_text(to_yaml(recipe))
+    _commit(step_dir)
+    (run_dir / "checkpoints" / "latest").write_text(TAG)
+    (run_dir / "params.txt").write_text(f"{sum(p.numel() for _, p in named)}\n")
 
 
 def spawn_two_ranks(script: str, workdir: Path, log_prefix: str) -> list[int]:
@@ -130,6 +203,8 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/bench-ckpt-export"))
     ap.add_argument("--keep", action="store_true", help="Keep the checkpoint and outputs.")
     ap.add_argument("--repeat", type=int, default=2, help="Runs of each tool, alternating; best time, worst RSS.")
+    ap.add_argument("--size", choices=sorted(SIZES), default="374m",
+                    help="374m: trained one step by two gloo ranks; 1.3b: written directly in ZeRO-3's layout.")
     ap.add_argument("--_worker", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._worker:
@@ -138,9 +213,12 @@ def main() -> None:
 
     run_dir = args.workdir / "run"
     step_dir = run_dir / "checkpoints" / TAG
-    if not (step_dir / "manifest.json").is_file():
+    if not (step_dir / "manifest.json").is_file() or "files" not in (step_dir / "manifest.json").read_text():
         t = time.perf_counter()
-        make_checkpoint(run_dir)
+        if args.size == "374m":
+            make_checkpoint(run_dir)
+        else:
+            fabricate_checkpoint(run_dir, args.size)
         print(f"checkpoint written in {time.perf_counter() - t:.0f}s", file=sys.stderr)
     params = int((run_dir / "params.txt").read_text())
     ckpt_bytes = sum(f.stat().st_size for f in step_dir.iterdir())
@@ -183,7 +261,8 @@ def main() -> None:
     assert set(ours) == set(theirs), set(ours) ^ set(theirs)
     import torch
 
-    for name in ("model.embed_tokens.weight", "model.layers.23.mlp.down_proj.weight", "lm_head.weight"):
+    for name in ("model.embed_tokens.weight", "model.layers.23.mlp.down_proj.weight", "lm_head.weight",
+                 "model.norm.weight"):
         with safe_open(ours[name][0], framework="pt") as a, safe_open(theirs[name][0], framework="pt") as b:
             assert torch.equal(a.get_tensor(name), b.get_tensor(name)), name
 

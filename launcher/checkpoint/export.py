@@ -3,6 +3,7 @@ index, config, generation config, tokenizer), one tensor in memory at a time."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import threading
 import time
@@ -80,10 +81,13 @@ def export_checkpoint(
     max_shard_size: str | int = "5GB",
     progress: Progress | None = None,
     remap_bytes: int = REMAP_BYTES,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Write the checkpoint at `step_dir` to `out` as a Hugging Face model directory.
 
-    `recipe` is the run's Recipe, or the path of its recipe.yaml. Peak memory is about one full
+    `recipe` is the run's Recipe, or the path of its recipe.yaml. Its `model.trust_remote_code`
+    is ignored: code shipped with a model runs only with `trust_remote_code=True`, which the CLI
+    sets from `--trust-remote-code` alone (a run directory may come from anyone). Peak memory is about one full
     fp32 tensor plus its converted copy, whatever the model's size. The tensors are written by a
     background thread (file I/O, which releases the GIL) while this one loads transformers and
     builds the config and tokenizer; a checkpoint that does not match the recipe's model is
@@ -102,7 +106,7 @@ def export_checkpoint(
 
     if pipeline_layer_files(step_dir):
         return _export_pipeline(step_dir, out, recipe=recipe, dtype=dtype, max_shard_size=max_shard_size,
-                                progress=progress, start=start)
+                                progress=progress, start=start, trust_remote_code=trust_remote_code)
     meta = read_meta(step_dir)
     buffers = read_buffers(step_dir)
     # Tensors in model order. A tied alias (meta.shared_params) shares its source's data in the
@@ -131,7 +135,7 @@ def export_checkpoint(
     )
     writer.start()
     try:
-        recipe, config, tokenizer = _recipe_config(recipe)
+        recipe, config, tokenizer = _recipe_config(recipe, trust_remote_code)
         _check_matches(meta, config, shapes, step_dir)
     except BaseException:
         writer.join()
@@ -149,7 +153,7 @@ def export_checkpoint(
 
 
 def _export_pipeline(step_dir: Path, out: Path, *, recipe: Any, dtype: str, max_shard_size: str | int,
-                     progress: Progress | None, start: float) -> dict[str, Any]:
+                     progress: Progress | None, start: float, trust_remote_code: bool) -> dict[str, Any]:
     """Export a pipeline-parallel checkpoint: every `layer_XX` file's tensors under their Hugging
     Face names (`launcher.runtime.pipeline.pipeline_layers`); a tied LM head is not written (the
     pipeline saves none: `from_pretrained` ties it to the embedding again)."""
@@ -159,7 +163,7 @@ def _export_pipeline(step_dir: Path, out: Path, *, recipe: Any, dtype: str, max_
     from launcher.runtime.pipeline import hf_state_name, pipeline_layers
 
     target = EXPORT_DTYPES[dtype]
-    recipe, config, tokenizer = _recipe_config(recipe)
+    recipe, config, tokenizer = _recipe_config(recipe, trust_remote_code)
     layers = pipeline_layers(config)
     files_by_layer = pipeline_layer_files(step_dir)
     wanted = [i for i, layer in enumerate(layers) if not layer.tied]
@@ -208,17 +212,31 @@ def _export_pipeline(step_dir: Path, out: Path, *, recipe: Any, dtype: str, max_
                    total=total, start=start, pipeline_stages=getattr(recipe.parallelism, "pipeline_stages", None))
 
 
-def _recipe_config(recipe: Any) -> tuple[Any, Any, Any]:
+def _recipe_config(recipe: Any, trust_remote_code: bool) -> tuple[Any, Any, Any]:
+    """The recipe, its model config and tokenizer, with `trust_remote_code` as the caller says
+    (never the recipe's)."""
+    from dataclasses import replace
+
     if not hasattr(recipe, "model"):
         from launcher.recipe import load_recipe
 
         recipe = load_recipe(recipe)
     from launcher.data import build_tokenizer
+    from launcher.errors import RecipeError
     from launcher.runtime.model import model_config
 
-    tokenizer = build_tokenizer(recipe.tokenizer, recipe.model.name_or_path,
-                                trust_remote_code=recipe.model.trust_remote_code)
-    return recipe, model_config(recipe.model, tokenizer), tokenizer
+    model = replace(recipe.model, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = build_tokenizer(recipe.tokenizer, model.name_or_path, trust_remote_code=trust_remote_code)
+        return recipe, model_config(model, tokenizer), tokenizer
+    except (UserError, RecipeError) as e:
+        if trust_remote_code or "trust_remote_code" not in str(e):
+            raise
+        raise UserError(
+            f"{model.name_or_path}: the model ships its own code, which the export runs only when "
+            "asked: pass --trust-remote-code if you trust that code (the run's recipe.yaml is not "
+            "taken as consent)"
+        ) from None
 
 
 def _finish(step_dir: Path, out: Path, files: list[str], plan: Any, specs: list[Any], n_params: int, config: Any,
@@ -256,27 +274,108 @@ def _write_config(out: Path, files: list[str], plan: Any, n_params: int, config:
     tokenizer.save_pretrained(out)
 
 
+EXPORT_THREADS = 4
+"""Tensors read (pread from the ranks' shards), cast and written (pwrite at their offsets) at
+once: the reads of one overlap the writes of another."""
+
+
 def _write_shards(step_dir, out, files, plan, buffers, progress, total, remap_bytes, failure) -> None:
-    """The writer thread: every shard, tensor by tensor, in plan order; an error goes to `failure`."""
+    """The writer thread: every shard's header, then its tensors. Trainable parameters are read
+    and written by `EXPORT_THREADS` threads, each tensor at its place in its file, with at most
+    `budget` bytes of tensors in memory at once; the rest (buffers, frozen weights, stage 0) in
+    order by this thread. An error goes to `failure`."""
+    from launcher.checkpoint.zero_layout import layout
+
+    writers: list[ShardWriter] = []
     try:
-        wanted = [s.name for shard in plan for s in shard if s.name not in buffers]
-        params = iter_full_params(step_dir, wanted, remap_bytes=remap_bytes)
-        done = 0
-        for fname, shard in zip(files, plan):
-            with ShardWriter(out / fname, shard) as w:
-                for spec in shard:
-                    if spec.name in buffers:
-                        t = buffers[spec.name]
-                    else:
-                        name, t = next(params)
-                        assert name == spec.name
-                    w.write(spec.name, t.to(spec.dtype) if t.dtype != spec.dtype else t)
-                    del t
-                    done += spec.nbytes
-                    if progress:
-                        progress(done, total)
+        lay = layout(step_dir)
+        writers = [ShardWriter(out / fname, shard) for fname, shard in zip(files, plan)]
+        items = [(w, spec) for w, shard in zip(writers, plan) for spec in shard]
+        parallel = [(w, spec) for w, spec in items if spec.name in lay.frags and spec.name not in buffers]
+        serial = [(w, spec) for w, spec in items if (w, spec) not in set(parallel)]
+        done = _Counter(progress, total)
+        wanted = [spec.name for _, spec in serial if spec.name not in buffers]
+        params = iter_full_params(step_dir, wanted, remap_bytes=remap_bytes) if wanted else iter(())
+        for w, spec in serial:
+            t = buffers[spec.name] if spec.name in buffers else next(params)[1]
+            w.write_at(spec.name, t.to(spec.dtype) if t.dtype != spec.dtype else t)
+            done.add(spec.nbytes)
+        _parallel_writes(lay, parallel, done)
+        for w in writers:
+            w.close()
     except BaseException as e:  # noqa: BLE001  (re-raised by the caller)
+        for w in writers:
+            w.abort()
         failure.append(e)
+
+
+class _Counter:
+    def __init__(self, progress: Progress | None, total: int) -> None:
+        self.progress, self.total, self.done = progress, total, 0
+        self._lock = threading.Lock()
+
+    def add(self, nbytes: int) -> None:
+        with self._lock:
+            self.done += nbytes
+            if self.progress:
+                self.progress(self.done, self.total)
+
+
+def _parallel_writes(lay: Any, items: list, done: _Counter) -> None:
+    """Gather (full fp32), cast and pwrite each tensor of `items` on a pool of threads, each
+    with its own view of the shard files; memory held by tensors in flight stays under a budget
+    of twice the largest one (or 256 MiB)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from launcher.checkpoint.offset_reads import ShardSlices
+
+    if not items:
+        return
+    local = threading.local()
+    sizes = {spec.name: torch.Size(spec.shape).numel() * (4 + spec.nbytes // max(1, torch.Size(spec.shape).numel()))
+             for _, spec in items}
+    budget = _Budget(max(2 * max(sizes.values()), 256 * 1024**2))
+    opened: list[Any] = []
+
+    def one(item: tuple[ShardWriter, Any]) -> None:
+        w, spec = item
+        if not hasattr(local, "slices"):
+            local.slices = ShardSlices(lay, REMAP_BYTES)
+            opened.append(local.slices)
+        with budget.hold(sizes[spec.name]):
+            t = local.slices.gather(spec.name, "fp32")
+            w.write_at(spec.name, t.to(spec.dtype) if t.dtype != spec.dtype else t)
+            del t
+        done.add(spec.nbytes)
+
+    try:
+        with ThreadPoolExecutor(EXPORT_THREADS, thread_name_prefix="export") as pool:
+            for f in [pool.submit(one, it) for it in items]:
+                f.result()
+    finally:
+        for s in opened:
+            s.reset()
+
+
+class _Budget:
+    """Bytes of tensors in flight: a thread waits while taking its share would pass the limit
+    (one tensor larger than the limit may always go alone)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+        self._cv = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, nbytes: int):
+        with self._cv:
+            self._cv.wait_for(lambda: self.used == 0 or self.used + nbytes <= self.limit)
+            self.used += nbytes
+        try:
+            yield
+        finally:
+            with self._cv:
+                self.used -= nbytes
+                self._cv.notify_all()
 
 
 def _remove(out: Path, created: bool, files: list[str]) -> None:

@@ -13,6 +13,7 @@ import enum
 import pickle
 import re
 import sys
+import threading
 import warnings
 import zipfile
 from pathlib import Path
@@ -21,6 +22,8 @@ from typing import Any
 import torch
 
 from launcher.errors import UserError
+
+_LOCK = threading.RLock()
 
 _DS_NAMES = {
     "ZeroStageEnum": "deepspeed.runtime.zero.config.ZeroStageEnum",
@@ -98,7 +101,9 @@ def safe_load(path: str | Path, *, mmap: bool = True, map_location: Any = "cpu")
     if mmap and not zipfile.is_zipfile(path):
         mmap = False  # the legacy (non-zip) format cannot be mapped; still weights_only
     try:
-        with torch.serialization.safe_globals(allowed_globals()), warnings.catch_warnings():
+        # torch's allowlist context is process-wide, not per thread: one load at a time enters it
+        # (with mmap=True a load reads only the pickle; the tensor data is read later)
+        with _LOCK, torch.serialization.safe_globals(allowed_globals()), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # e.g. "Detected pickle protocol 4"
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
@@ -130,7 +135,7 @@ def unsafe_globals(path: str | Path) -> list[str]:
     if not zipfile.is_zipfile(path):
         return [f"{path.name}: not a torch zip checkpoint"]
     try:
-        with torch.serialization.safe_globals(allowed_globals()):
+        with _LOCK, torch.serialization.safe_globals(allowed_globals()):
             return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
     except (RuntimeError, OSError, ValueError, zipfile.BadZipFile) as e:
         return [f"{path.name}: unreadable ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})"]

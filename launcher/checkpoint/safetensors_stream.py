@@ -16,6 +16,7 @@ import os
 import re
 import struct
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -118,6 +119,10 @@ class ShardWriter:
         self.specs = list(specs)
         self._next = 0
         self._tmp = self.path.with_name(self.path.name + ".tmp")
+        self._metadata = metadata
+        self._places: dict[str, tuple[int, int]] | None = None
+        self._lock = threading.Lock()
+        self._written: set[int] = set()
         self._f = open(self._tmp, "wb")
         self._f.write(header_bytes(self.specs, metadata))
 
@@ -137,11 +142,42 @@ class ShardWriter:
 
     def close(self) -> None:
         if self._next != len(self.specs):
-            missing = self.specs[self._next].name
+            missing = next(s.name for i, s in enumerate(self.specs) if i not in self._written and i >= self._next
+                           or (self._written and i not in self._written))
             self.abort()
             raise ValueError(f"{self.path.name}: closed before {missing} was written")
         self._f.close()  # no fsync: an export interrupted by a crash is simply run again
         os.replace(self._tmp, self.path)
+
+    def write_at(self, name: str, tensor: torch.Tensor) -> None:
+        """Write tensor `name` at its place in the file, in any order and from any thread (the
+        header fixed every offset); `close()` checks that every tensor was written."""
+        index, begin = self._offsets()[name]
+        spec = self.specs[index]
+        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise ValueError(f"{self.path.name}: expected {spec.name} {spec.shape} {spec.dtype}, got "
+                             f"{name} {tuple(tensor.shape)} {tensor.dtype}")
+        t = tensor.detach().cpu().contiguous()
+        view = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self._f.fileno(), view[done:], begin + done)
+        with self._lock:
+            self._written.add(index)
+            if len(self._written) == len(self.specs):
+                self._next = len(self.specs)
+
+    def _offsets(self) -> dict[str, tuple[int, int]]:
+        with self._lock:
+            if self._places is None:
+                self._f.flush()  # the header, before any pwrite past it
+                offset = len(header_bytes(self.specs, self._metadata))
+                places = {}
+                for i, spec in enumerate(self.specs):
+                    places[spec.name] = (i, offset)
+                    offset += spec.nbytes
+                self._places = places
+            return self._places
 
     def abort(self) -> None:
         if not self._f.closed:

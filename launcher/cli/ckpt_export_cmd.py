@@ -64,6 +64,10 @@ def ckpt_export(
         str, typer.Option("--max-shard-size", help="Largest safetensors file: 5GB, 500MB, 2GiB or bytes.")
     ] = "5GB",
     dtype: Annotated[str, typer.Option("--dtype", help="Weights dtype: bf16, fp32 or fp16.")] = "bf16",
+    trust_remote_code: Annotated[bool, typer.Option(
+        "--trust-remote-code",
+        help="Run the Python code a hub model ships (its config/tokenizer classes). Off unless given: "
+             "the run's recipe.yaml is never taken as consent.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Consolidate a committed ZeRO checkpoint into safetensors shards + index, config and tokenizer.
@@ -72,6 +76,8 @@ def ckpt_export(
     unpickles code. The result loads with AutoModelForCausalLM.from_pretrained(OUT).
 
     Example: launcher ckpt export runs/tiny-sft-demo --out exports/tiny --dtype bf16
+
+    Example (a model with its own code): launcher ckpt export runs/x --out exports/x --trust-remote-code
     """
     from launcher.checkpoint.export import export_checkpoint
 
@@ -82,7 +88,8 @@ def ckpt_export(
     recipe = recipe_file  # loaded by the export while its writer thread streams the tensors
 
     if as_json or not sys.stdout.isatty():
-        summary = export_checkpoint(step_dir, out, recipe=recipe, dtype=dtype, max_shard_size=max_shard_size)
+        summary = export_checkpoint(step_dir, out, recipe=recipe, dtype=dtype, max_shard_size=max_shard_size,
+                                    trust_remote_code=trust_remote_code)
     else:
         from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -94,7 +101,8 @@ def ckpt_export(
                 bar.update(task, completed=done, total=total)
 
             summary = export_checkpoint(step_dir, out, recipe=recipe, dtype=dtype,
-                                        max_shard_size=max_shard_size, progress=progress)
+                                        max_shard_size=max_shard_size, progress=progress,
+                                        trust_remote_code=trust_remote_code)
     from launcher.checkpoint.layout import latest_committed, step_of
 
     latest = latest_committed(run_dir)
