@@ -95,7 +95,8 @@ def train(corpus: Path, cache: Path, run_dir: Path, steps: int) -> dict:
            f"train.max_steps={steps}", "train.eval_every=0", "checkpoint.at_end=false", "sample.prompts=[]",
            "--run-dir", str(run_dir)]  # fmt: skip
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = open(run_dir.with_suffix(".log"), "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     root = psutil.Process(proc.pid)
     peak, first_step = 0, None
     metrics = run_dir / "metrics.jsonl"
@@ -112,7 +113,7 @@ def train(corpus: Path, cache: Path, run_dir: Path, steps: int) -> dict:
                 first_step = time.perf_counter() - start
         time.sleep(0.2)
     if proc.returncode != 0:
-        raise SystemExit(f"launcher run failed ({proc.returncode}); see {run_dir}/logs")
+        raise RuntimeError(f"launcher run failed ({proc.returncode}); see {log.name}")
     return {"peak_rss_mb": round(peak / 2**20), "first_step_s": round(first_step or float("nan"), 2),
             "total_s": round(time.perf_counter() - start, 2)}
 
@@ -136,18 +137,29 @@ def main() -> None:
     tokenizer = build_tokenizer(load_recipe(RECIPE).tokenizer, None)
     results: dict = {"corpus_mb": round(big.stat().st_size / 1e6, 1), "cores": os.cpu_count(),
                      "load_avg": os.getloadavg()}  # fmt: skip
-    results["raw_encode"] = raw_encode(tokenizer, big)
+    def report(key: str, value) -> None:  # each figure as soon as it is measured (stderr)
+        results[key] = value
+        print(f"{key}: {json.dumps(value)}", file=sys.stderr, flush=True)
+
+    report("raw_encode", raw_encode(tokenizer, big))
     first = prepare(big, cache)
-    results["prepare"] = {k: first[k] for k in ("rows", "tokens", "bytes", "seconds", "wall_s")}
-    results["prepare"]["tokens_per_s"] = round(first["tokens"] / first["seconds"])
-    results["prepare_vs_raw"] = round(results["prepare"]["tokens_per_s"] / results["raw_encode"]["tokens_per_s"], 3)
+    report("prepare", {k: first[k] for k in ("rows", "tokens", "bytes", "seconds", "wall_s")}
+           | {"tokens_per_s": round(first["tokens"] / first["seconds"])})
+    report("prepare_vs_raw", round(results["prepare"]["tokens_per_s"] / results["raw_encode"]["tokens_per_s"], 3))
     again = prepare(big, cache)
-    results["cache_hit"] = {"hit": all(s["cache_hit"] for s in again["sources"]), "seconds": again["seconds"],
-                            "wall_s": again["wall_s"]}  # fmt: skip
+    report("cache_hit", {"hit": all(s["cache_hit"] for s in again["sources"]), "seconds": again["seconds"],
+                         "wall_s": again["wall_s"]})  # fmt: skip
     if not args.skip_train:
         prepare(small, cache)
-        results["train_large"] = train(big, cache, args.workdir / "run-large", args.steps)
-        results["train_small"] = train(small, cache, args.workdir / "run-small", args.steps)
+        for name, corpus in (("train_large", big), ("train_small", small)):
+            for attempt in range(2):  # a Ray start that times out on a busy machine: once more
+                try:
+                    report(name, train(corpus, cache, args.workdir / name, args.steps))
+                    break
+                except RuntimeError as e:
+                    print(f"{name}: {e}", file=sys.stderr)
+            else:
+                raise SystemExit(f"{name} failed twice")
         lg, sm = results["train_large"], results["train_small"]
         results["rss_ratio"] = round(lg["peak_rss_mb"] / sm["peak_rss_mb"], 3)
         results["first_step_ratio"] = round(lg["first_step_s"] / sm["first_step_s"], 3)

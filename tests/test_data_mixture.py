@@ -69,3 +69,20 @@ def test_a_source_override_on_the_command_line_replaces_the_mixture(tmp_path):
     path.write_text(json.dumps({"instruction": "x", "output": "y"}) + "\n")
     r = load_recipe(ROOT / "recipes/examples/tiny-mix.yaml", [f"data.path={path}"])
     assert r.data.path == [str(path)] and r.data.sources == []
+
+
+@pytest.mark.parametrize("entry,key,says", [
+    ({"path": ["a.jsonl"], "format": "text", "weight": 1}, "data.sources[1].format", "cannot join a mixture"),
+    ({"path": ["a.jsonl"], "weight": 1, "epochs": 1}, "data.sources[1].weight", "set exactly one of weight and epochs"),
+    ({"path": ["a.jsonl"]}, "data.sources[1].weight", "set exactly one of weight and epochs"),
+    ({"weight": 1}, "data.sources[1]", "set exactly one of path, hub, synthetic"),
+    ({"synthetic": {"task": "stories"}, "weight": 1}, "data.sources[1].format", "generates text rows"),
+])
+def test_a_bad_mixture_entry_names_its_key(entry, key, says):
+    from launcher.errors import RecipeError
+
+    d = tiny_recipe_dict()
+    d["data"] = {"format": "alpaca", "sources": [{"synthetic": {"task": "add"}, "weight": 1}, entry]}
+    with pytest.raises(RecipeError) as e:
+        from_dict(d)
+    assert e.value.key == key and says in str(e.value), str(e.value)
