@@ -330,7 +330,9 @@ def run_cells(cells: list[Cell], prep: Prepared, ref, mode: Mode = FP32) -> list
 
 
 def format_table(results: list[CellResult]) -> str:
-    head = (f"{'cell':<22}{'world':>6}{'zero':>5}{'pp':>4}{'ga':>4}{'micro':>6}  {'max rel loss dev':>16}  "
+    names = [_row_name(r) for r in results]
+    width = max([22, *(len(n) + 2 for n in names)])
+    head = (f"{'cell':<{width}}{'world':>6}{'zero':>5}{'pp':>4}{'ga':>4}{'micro':>6}  {'max rel loss dev':>16}  "
             f"{'max abs weight dev':>18}  {'rel update dev':>14}  {'max rel gnorm dev':>17}  result")
     lines = [head, "-" * len(head)]
     for r in results:
@@ -340,9 +342,7 @@ def format_table(results: list[CellResult]) -> str:
         gnorm = f"{r.grad_norm_dev:.2e}" if r.grad_norm_dev is not None else "-"
         update = f"{r.update_dev:.2e}" if r.update_dev is not None else "-"
         status = r.status + (f": {'; '.join(r.problems)}" if r.problems else "")
-        name = c.name if r.via == "spawn" else f"{c.name} ({r.via})"
-        name = name if r.mode == "fp32" else f"{r.mode} {name}"
-        lines.append(f"{name:<22}{c.world:>6}{c.zero:>5}{c.pp:>4}{c.ga:>4}{c.micro:>6}  {loss:>16}  "
+        lines.append(f"{_row_name(r):<{width}}{c.world:>6}{c.zero:>5}{c.pp:>4}{c.ga:>4}{c.micro:>6}  {loss:>16}  "
                      f"{weight:>18}  {update:>14}  {gnorm:>17}  {status}")
     for dtype in sorted({MODES[r.mode].dtype for r in results}):
         tol = TOLERANCES[dtype]
@@ -351,6 +351,11 @@ def format_table(results: list[CellResult]) -> str:
         lines.append(f"tolerances ({dtype}): loss {tol.loss_rtol:.0e}, "
                      f"gradient norm {tol.grad_norm_rtol:.0e} relative per step, {weights}")
     return "\n".join(lines)
+
+
+def _row_name(r: CellResult) -> str:
+    name = r.cell.name if r.via == "spawn" else f"{r.cell.name} ({r.via})"
+    return name if r.mode == "fp32" else f"{r.mode} {name}"
 
 
 CLI_CELL = "w2-z3-ga4"
