@@ -15,6 +15,8 @@ _EXPORTS = {
     "generate": "synthetic",
     "DataSplits": "pipeline",
     "build_datasets": "pipeline",
+    "prepare_datasets": "prepare",
+    "PreparedSplit": "store",
     "render_prompt": "pipeline",
     "pack_documents": "packing",
     "pack_examples": "packing",
@@ -26,6 +28,7 @@ _EXPORTS = {
 __all__ = [
     "BYTES_VOCAB_SIZE",
     "DataSplits",
+    "PreparedSplit",
     "ResumableSampler",
     "build_datasets",
     "build_tokenizer",
@@ -34,6 +37,7 @@ __all__ = [
     "generate",
     "pack_documents",
     "pack_examples",
+    "prepare_datasets",
     "render_prompt",
 ]
 
@@ -41,6 +45,8 @@ if TYPE_CHECKING:
     from launcher.data.collate import collate
     from launcher.data.packing import chunk_documents, pack_documents, pack_examples
     from launcher.data.pipeline import DataSplits, build_datasets, render_prompt
+    from launcher.data.prepare import prepare_datasets
+    from launcher.data.store import PreparedSplit
     from launcher.data.sampler import ResumableSampler
     from launcher.data.synthetic import generate
     from launcher.data.tokenizer import BYTES_VOCAB_SIZE, build_tokenizer

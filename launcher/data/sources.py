@@ -1,8 +1,9 @@
 """Read raw rows from local files, the hub or the synthetic generator, through `datasets`.
 
 Each file is loaded on its own so that every error names the file, and every row keeps its file
-and 1-based row number for later messages. Rows end up as plain Python dicts: the datasets here
-are small. Streaming real-scale corpora (sharded, tokenized lazily) is future work.
+and 1-based row number for later messages. `load_train_rows`/`load_files` give plain Python dicts
+(the in-memory reference path); `rows_dataset` gives the same rows as an Arrow-backed `datasets`
+dataset, or a streamed one, for preparing corpora of any size (prepare.py).
 """
 
 from __future__ import annotations
