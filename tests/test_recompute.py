@@ -275,3 +275,56 @@ def test_zero3_selective_full_and_chunked_train_as_none(tmp_path):
     assert len(losses) == len(ZERO3_CASES)
     for case, run in losses.items():
         torch.testing.assert_close(run, ref, rtol=1e-6, atol=0, msg=f"{case}: {losses}")
+
+
+# --- in DeepSpeed's pipe engine (two stages, two processes) ---------------------------------------
+
+
+def _pipe_worker(rank: int, port: int, out_dir: str) -> None:
+    import json
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    import deepspeed
+
+    from launcher.runtime.pipeline import build_pipeline_module, pipe_micro_batch
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "steps_per_print": 10**9,
+          "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}, "zero_optimization": {"stage": 0}}
+    batches = [pipe_micro_batch(_batch(i), 20.0) for i in range(2)]
+    losses = {}
+    for tied in (False, True):  # the head as its own layer, and as the tied embedding
+        for mode, chunk in (("none", 0), ("selective", 5)):
+            hf = _model("llama", "none")
+            hf.config.tie_word_embeddings = tied
+            if tied:
+                hf.tie_weights()
+            module = build_pipeline_module(hf, stages=2, activation_checkpointing=mode, chunked_loss=chunk)
+            engine, *_ = deepspeed.initialize(model=module, model_parameters=list(module.parameters()), config=ds)
+            run = [float(engine.train_batch(iter(batches))) for _ in range(2)]
+            run.append(float(engine.eval_batch(iter(batches), num_micro_batches=2)))
+            losses[f"tied={tied} {mode}-{chunk}"] = run
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(losses, f)
+
+
+@pytest.mark.slow
+def test_pipeline_selective_and_chunked_loss_train_as_none(tmp_path):
+    """The pipe engine takes the head's (hidden, weight) output on the last stage; train and eval
+    losses equal those without (1e-6 relative)."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_pipe_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    losses = json.loads((tmp_path / "rank1.json").read_text())  # the last stage's
+    assert len(losses) == 4
+    for tied in (False, True):
+        ref = losses[f"tied={tied} none-0"]
+        torch.testing.assert_close(losses[f"tied={tied} selective-5"], ref, rtol=1e-6, atol=0, msg=str(losses))
