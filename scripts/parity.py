@@ -10,7 +10,7 @@ cell passes (a cell the launcher refuses is "not run" and counts as a failure). 
     .venv/bin/python scripts/parity.py --cells w1-z3,pp2   # names containing w1-z3 or pp2
     .venv/bin/python scripts/parity.py --cli --json        # also one cell via `launcher run`
     .venv/bin/python scripts/parity.py --dtype bf16        # bf16 weights and compute, bf16 tolerances
-    .venv/bin/python scripts/parity.py --dtype bf16 --before-fix --cells ga4   # DeepSpeed's bf16 defaults
+    .venv/bin/python scripts/parity.py --dtype bf16 --before-fix --cells 'ga4$'   # DeepSpeed's bf16 defaults
     .venv/bin/python scripts/parity.py --dtype bf16 --noise-floor              # measure the bf16 floor
 """
 

@@ -84,10 +84,15 @@ CELLS: list[Cell] = [
 
 
 def select(patterns: list[str] | None) -> list[Cell]:
-    """Cells whose name contains any of `patterns` (all without)."""
+    """Cells whose name contains any of `patterns` (all without); a pattern ending in "$" must
+    match the whole name (`w2-z0-ga4$` without `w2-z0-ga4-pp2`)."""
     if not patterns:
         return list(CELLS)
-    picked = [c for c in CELLS if any(p in c.name for p in patterns)]
+
+    def hit(p: str, name: str) -> bool:
+        return name == p[:-1] if p.endswith("$") else p in name
+
+    picked = [c for c in CELLS if any(hit(p, c.name) for p in patterns)]
     if not picked:
         raise ValueError(f"no cell matches {patterns}; cells: {', '.join(c.name for c in CELLS)}")
     return picked

@@ -332,8 +332,8 @@ def run_cells(cells: list[Cell], prep: Prepared, ref, mode: Mode = FP32) -> list
 def format_table(results: list[CellResult]) -> str:
     names = [_row_name(r) for r in results]
     width = max([22, *(len(n) + 2 for n in names)])
-    head = (f"{'cell':<{width}}{'world':>6}{'zero':>5}{'pp':>4}{'ga':>4}{'micro':>6}  {'max rel loss dev':>16}  "
-            f"{'max abs weight dev':>18}  {'rel update dev':>14}  {'max rel gnorm dev':>17}  result")
+    head = (f"{'cell':<{width}}{'world':>6}{'zero':>5}{'pp':>4}{'ga':>4}{'micro':>6}  "
+            f"{'max rel loss dev':>16}  {'max abs weight dev':>18}  {'rel update dev':>14}  {'max rel gnorm dev':>17}  result")
     lines = [head, "-" * len(head)]
     for r in results:
         c = r.cell
@@ -342,8 +342,8 @@ def format_table(results: list[CellResult]) -> str:
         gnorm = f"{r.grad_norm_dev:.2e}" if r.grad_norm_dev is not None else "-"
         update = f"{r.update_dev:.2e}" if r.update_dev is not None else "-"
         status = r.status + (f": {'; '.join(r.problems)}" if r.problems else "")
-        lines.append(f"{_row_name(r):<{width}}{c.world:>6}{c.zero:>5}{c.pp:>4}{c.ga:>4}{c.micro:>6}  {loss:>16}  "
-                     f"{weight:>18}  {update:>14}  {gnorm:>17}  {status}")
+        lines.append(f"{_row_name(r):<{width}}{c.world:>6}{c.zero:>5}{c.pp:>4}{c.ga:>4}{c.micro:>6}  "
+                     f"{loss:>16}  {weight:>18}  {update:>14}  {gnorm:>17}  {status}")
     for dtype in sorted({MODES[r.mode].dtype for r in results}):
         tol = TOLERANCES[dtype]
         weights = (f"final weights {tol.weight_atol:.0e} absolute" if tol.weight_atol is not None

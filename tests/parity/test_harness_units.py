@@ -40,3 +40,10 @@ def test_modes_set_dtype_and_the_before_fix_block():
     assert data["deepspeed"]["data_types"] == {"grad_accum_dtype": "bf16"}
     assert old.tolerances is harness.TOLERANCES["bf16"] and harness.FP32.prefix == ""
     assert recipe_dict(cell, Path("m"))["model"]["dtype"] == "fp32"
+
+
+def test_a_trailing_dollar_selects_one_cell_exactly():
+    from parity.cells import select
+
+    assert [c.name for c in select(["w2-z0-ga4$"])] == ["w2-z0-ga4"]
+    assert "w2-z0-ga4-pp2" in [c.name for c in select(["w2-z0-ga4"])]
