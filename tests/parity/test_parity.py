@@ -98,10 +98,10 @@ def test_weight_tolerance_is_above_fp32_noise(prep, ref):
     assert max(abs(a - b) / abs(b) for a, b in zip(ref64.losses, ref.losses)) < harness.LOSS_RTOL / 10
 
 
-BF16_CELLS = ["w2-z0-ga4", "w2-z1-ga4", "w2-z3-ga4"]
-"""bf16 cells that accumulate and reduce, in one spawn: ZeRO-0 (BF16_Optimizer through the
-backport; DeepSpeed's own bf16 path here fails by 500x the tolerance), ZeRO-1 (BF16_Optimizer)
-and ZeRO-3 (partitioned fp32 gradients). `scripts/parity.py --dtype bf16` runs all of them."""
+BF16_CELLS = ["w2-z0-ga4", "w2-z3-ga4"]
+"""bf16 cells that accumulate and reduce, in one spawn: ZeRO-0 (BF16_Optimizer, as ZeRO-1 uses it,
+through the backport; DeepSpeed's old bf16 path there fails by 78x the loss tolerance) and ZeRO-3
+(partitioned fp32 gradients). `scripts/parity.py --dtype bf16` runs every cell."""
 
 
 @pytest.fixture(scope="module")
