@@ -107,9 +107,10 @@ def terms(shape: ModelShape, lay: Layout) -> Terms:
     block = 2 * norm_bytes(shape, a) + attention_bytes(shape, lay) + mlp_bytes(shape, a)
     mask = b * s * s * (1 if lay.attn == "sdpa" else 0)  # sdpa keeps the boolean 4D mask
     stored = tok * (layers * kept_per_block(shape, lay) + norm_bytes(shape, a)) + mask
-    grads = tok * a * (2 * shape.intermediate + 2 * shape.hidden)  # a block's activation gradients
+    scores = tok * shape.heads * s * (4 + (a if a < 4 else 0)) if lay.attn == "eager" else 0
+    # a block's activation gradients; eager adds the gradients of its s x s probabilities (fp32 + 16-bit)
+    grads = tok * a * (2 * shape.intermediate + 2 * shape.hidden) + scores
     working = grads + (tok * block if lay.grad_ckpt else 0)
     fwd, bwd = loss_bytes(shape, lay)
-    scores = tok * shape.heads * s * (4 + (a if a < 4 else 0)) if lay.attn == "eager" else 0
     return Terms(stored=stored, per_block=tok * block, loss_forward=fwd, loss_backward=bwd, working=working,
                  scores=scores)

@@ -18,8 +18,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
-KINDS = ("params", "grads16", "grads32", "master", "adam", "activations", "temporaries")
-"""What a storage holds: 16-bit weights, 16-bit gradients, the fp32 gradient buffer, fp32 master
+KINDS = ("params", "buffers", "grads16", "grads32", "master", "adam", "activations", "temporaries")
+"""What a storage holds: 16-bit weights, the modules' buffers (rotary frequencies, masks), 16-bit gradients, the fp32 gradient buffer, fp32 master
 weights, Adam's moments, tensors made in forward (kept for backward or not), tensors made in
 backward or the optimizer step (gradients of activations, recomputed blocks, scratch)."""
 

@@ -48,17 +48,20 @@ def _checkpointing(model: Any, mode: str) -> None:
     apply_activation_checkpointing(model, mode)
 
 
-def _loss(model: Any, lay: Layout, ids: Any, mask: Any, num_items: int) -> tuple[Any, Any]:
-    """The runtime's loss (transformers' token-weighted causal-LM loss, or the chunked one) and
-    what the runtime keeps referenced until the step ends (the model output with its logits)."""
-    if lay.chunked_loss:
-        from launcher.runtime.chunked_loss import chunked_causal_lm_loss
-
-        out = model.model(input_ids=ids, attention_mask=mask)
-        return chunked_causal_lm_loss(out.last_hidden_state, model.lm_head.weight, ids, num_items,
-                                      lay.chunk_tokens), out
+def _loss(model: Any, ids: Any, mask: Any, num_items: int) -> tuple[Any, Any]:
+    """The runtime's loss (token-weighted; chunked where `_chunked` made it so) and what the runtime
+    keeps referenced until the step ends (the model output, with the logits when unchunked)."""
     out = model(input_ids=ids, attention_mask=mask, labels=ids, num_items_in_batch=num_items)
     return out.loss, out
+
+
+def _chunked(model: Any, lay: Layout) -> Any:
+    """The runtime's chunked cross-entropy (launcher.runtime.chunked_loss) on `model`, as it trains."""
+    if not lay.chunked_loss:
+        return model
+    from launcher.runtime.chunked_loss import enable_chunked_loss
+
+    return enable_chunked_loss(model, lay.chunk_tokens)
 
 
 def _states(model: Any, lb: LiveBytes, lay: Layout) -> tuple[list, list, list, list, list]:
@@ -68,8 +71,10 @@ def _states(model: Any, lb: LiveBytes, lay: Layout) -> tuple[list, list, list, l
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
-    for t in list(model.parameters()) + list(model.buffers()):
+    for t in model.parameters():
         lb.track(t, "params")
+    for t in model.buffers():
+        lb.track(t, "buffers")  # replicated, never partitioned
     mixed = lay.weight_bytes < 4
     master = [p.detach().float() for p in params] if mixed else params
     grads32 = [torch.zeros_like(m) for m in master] if mixed else []
@@ -130,12 +135,13 @@ def trace_step(config: dict[str, Any], lay: Layout, *, trust_remote_code: bool =
                                                  trust_remote_code=trust_remote_code)
         model.train()
         _checkpointing(model, lay.ckpt)
+        model = _chunked(model, lay)
         with lb:
             states = _states(model, lb, lay)
             ids = torch.zeros(lay.micro_batch, lay.seq_len, dtype=torch.long)
             mask = torch.ones(lay.micro_batch, lay.seq_len, dtype=torch.long)
             lb.set_phase("forward", "activations")
-            loss, out = _loss(model, lay, ids, mask, lay.micro_batch * lay.seq_len)
+            loss, out = _loss(model, ids, mask, lay.micro_batch * lay.seq_len)
             lb.set_phase("backward", "temporaries")
             loss.backward()
             del loss, out
@@ -169,7 +175,7 @@ def per_gpu(trace: Trace, lay: Layout, analytic: dict[str, int]) -> tuple[dict[s
     at = peaks(trace.timeline, weights(lay, trace.numels), PHASES)
     phase = max(PHASES, key=lambda ph: at[ph][0])
     k = at[phase][1]
-    out = {"params": k["params"], "grads": k["grads16"] + k["grads32"], "optimizer": k["master"] + k["adam"],
+    out = {"params": k["params"] + k["buffers"], "grads": k["grads16"] + k["grads32"], "optimizer": k["master"] + k["adam"],
            "activations": k["activations"] + k["temporaries"]}
     out["buffers"] = analytic["buffers"]
     out["overhead"] = CUDA_CONTEXT_BYTES + int(ALLOCATOR_SLACK * (out["activations"] + out["buffers"]))
