@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,16 +28,18 @@ class Built:
 
 def _module(recipe: Recipe, tokenizer: Any) -> torch.nn.Module:
     stages = recipe.parallelism.pipeline_stages
-    seed = recipe.train.seed
+    seed, chunk = recipe.train.seed, recipe.train.chunked_loss
     if stages == 1:
-        return build_model(recipe.model, tokenizer, seed=seed)
+        # the chunked loss lives inside the model's forward: the objective still calls the engine,
+        # whose forward prepares ZeRO's backward hooks
+        return build_model(recipe.model, tokenizer, seed=seed, chunked_loss=chunk)
     from launcher.runtime.pipeline import build_pipeline_module
 
-    # the pipeline checkpoints whole decoder layers itself (activation_checkpoint_interval)
-    hf_model = build_model(replace(recipe.model, gradient_checkpointing=False), tokenizer, seed=seed)
+    # the pipeline turns the layers' own checkpointing off and checkpoints per pipe layer
+    hf_model = build_model(recipe.model, tokenizer, seed=seed)
     module = build_pipeline_module(
         hf_model, stages=stages, partition=recipe.parallelism.pipeline_partition,
-        activation_checkpointing=recipe.model.gradient_checkpointing)
+        activation_checkpointing=recipe.model.activation_checkpointing, chunked_loss=chunk)
     del hf_model  # this stage's layers live on in `module`; the others are freed
     return module
 
