@@ -75,6 +75,7 @@ def main() -> None:
     ap.add_argument("--time-8b", action="store_true")
     ap.add_argument("--cache", type=Path, help="JSON file keeping traced cells (reruns trace only what is missing)")
     ap.add_argument("--models", default=",".join(MODELS), help="e.g. 1B or 1B,8B")
+    ap.add_argument("--cached-only", action="store_true", help="print the cells in --cache, trace nothing")
     args = ap.parse_args()
     if args.time_8b:
         t0 = time.perf_counter()
@@ -91,6 +92,8 @@ def main() -> None:
         if name not in args.models.split(","):
             continue
         key = f"{name} {mb} {seq} {ckpt} {attn}"
+        if key not in cache and args.cached_only:
+            continue
         if key not in cache:
             cache[key] = traced_cell(name, mb, seq, ckpt, attn)
             if args.cache:
