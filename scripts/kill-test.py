@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import sys
@@ -45,7 +46,12 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/kill-test"))
+    ap.add_argument("--modes", default="kill,kill-in-save,kill-in-background-save",
+                    help="Kill modes, taken in turn (comma-separated).")
     a = ap.parse_args()
+    # a tiny model's save takes milliseconds: hold each background save open for a moment so that
+    # kills can land in it (the files are written, nothing is committed yet)
+    os.environ.setdefault("LAUNCHER_CKPT_TEST_WRITE_DELAY_S", "0.5")
     shutil.rmtree(a.workdir, ignore_errors=True)
     a.workdir.mkdir(parents=True)
     recipe = write_recipe(a.workdir / "recipe.yaml")
@@ -57,7 +63,8 @@ def main() -> int:
     landed = {"anywhere": 0, "in save": 0, "in background save": 0}
     for i in range(a.trials):
         run_dir, log = a.workdir / f"trial-{i}", a.workdir / f"trial-{i}.log"
-        how = ("kill", "kill-in-save", "kill-in-background-save")[i % 3]
+        modes = a.modes.split(",")
+        how = modes[i % len(modes)]
         after = rng.randint(1, 28)
         t0 = time.time()
         seen: list[str] = []

@@ -38,6 +38,9 @@ from launcher.checkpoint.manifest import FORMAT_VERSION, checkpoint_files, file_
 from launcher.checkpoint.state import rank_file, read_rank_state
 
 DELETING_SUFFIX = ".deleting"
+WRITE_DELAY_ENV = "LAUNCHER_CKPT_TEST_WRITE_DELAY_S"
+"""Seconds a background save waits after writing its files (tests only: lets the kill test land
+kills while a save of a tiny model is still in flight)."""
 
 
 def broadcast(obj: Any, group: Any = None) -> Any:
@@ -295,4 +298,7 @@ def _write_files(job: _Job) -> dict[str, dict[str, Any]]:
         out[rel] = write_state(path, state)
     job.files.clear()  # the host copies go as soon as they are on disk
     out[rank_file(job.rank)] = write_hashed(job.write_dir / rank_file(job.rank), job.rank_state)
+    delay = float(os.environ.get(WRITE_DELAY_ENV, "0") or 0)
+    if delay > 0:  # fault injection: scripts/kill-test.py makes tiny saves last long enough to kill
+        time.sleep(delay)
     return out
