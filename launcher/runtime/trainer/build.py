@@ -53,6 +53,11 @@ def build(recipe: Recipe, ctx: WorkerContext, tokenizer: Any, objective: Objecti
     data_parallel = ctx.world_size // stages
     ds_config = build_ds_config(recipe, data_parallel=data_parallel, on_gpu=ctx.on_gpu)
     hf_ds = HfDeepSpeedConfig(ds_config) if recipe.parallelism.zero_stage == 3 else None
+    from launcher.runtime.precision import install_deepspeed_backports
+
+    # bf16 without ZeRO on BF16_Optimizer (fp32 masters and accumulation), which DeepSpeed
+    # 0.19.8 refuses by itself; idempotent
+    install_deepspeed_backports()
     model = _module(recipe, tokenizer)
     multiplier = lr_multiplier(t.schedule, warmup_steps=t.warmup_steps, total_steps=steps, min_ratio=t.min_lr_ratio)
     engine, _, _, scheduler = deepspeed.initialize(

@@ -61,7 +61,9 @@ class DataParallelStep:
         self.scale = recipe.train.grad_accum * (ctx.world_size // recipe.parallelism.pipeline_stages)
         # Without ZeRO and in fp32 DeepSpeed clips with torch's own routine and keeps no norm; the
         # 16-bit and ZeRO optimizers compute it (unscaled) themselves.
-        self.own_norm = not hasattr(engine.optimizer, "_global_grad_norm")
+        from launcher.runtime.precision import norm_after_step
+
+        self.own_norm = not norm_after_step(engine)
 
     def train(self, batches: list[dict[str, torch.Tensor]], num_items: float) -> StepOutcome:
         engine, loss_sum, norm = self.engine, 0.0, None

@@ -69,6 +69,8 @@ class Trainer:
         if self.resumed_from is not None:
             self._restore()
         self.stream = BatchStream(self.data.train, self.sampler, t.micro_batch_size, tokenizer.pad_token_id)
+        # collective with a pipeline (each stage counts its own layers): every rank takes part
+        self.param_counts = self.strategy.param_counts()
         self.writer = self._open_metrics() if ctx.rank == 0 else None
         self.last_loss: float | None = None
 
@@ -89,7 +91,7 @@ class Trainer:
         truncate_metrics(self.run_dir, p.step)  # steps after the checkpoint are trained again
         writer = MetricsWriter(self.run_dir, self.recipe.logging, run_name=self.recipe.name,
                                recipe=to_dict(self.recipe))
-        params_total, params_mine = self.strategy.param_counts()
+        params_total, params_mine = self.param_counts
         if self.resumed_from is not None:
             # total_steps: a resume may move the end (train.max_steps=...); the display follows it
             writer.log({"event": "resume", "step": p.step, "checkpoint": self.resumed_from.path.name,
