@@ -69,7 +69,7 @@ def test_bf16_accumulates_and_reduces_in_fp32(zero):
     r = load_recipe(RECIPES / "examples/tiny-sft.yaml", [
         "model.dtype=bf16", f"parallelism.zero_stage={zero}"])
     cfg = build_ds_config(r, data_parallel=2, on_gpu=False)
-    assert cfg["bf16"] == {"enabled": True, "bf16_master_weights_and_grads": False}
+    assert cfg["bf16"] == {"enabled": True, "bf16_master_weights_and_grads": False, "immediate_grad_update": True}
     assert not cfg["fp16"]["enabled"]
     assert cfg["data_types"] == {"grad_accum_dtype": "fp32"}
     assert cfg["communication_data_type"] == "fp32"

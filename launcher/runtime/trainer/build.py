@@ -35,6 +35,12 @@ def _module(recipe: Recipe, tokenizer: Any) -> torch.nn.Module:
         return build_model(recipe.model, tokenizer, seed=seed, chunked_loss=chunk)
     from launcher.runtime.pipeline import build_pipeline_module
 
+    # The chunked loss through the pipe engine is proven in fp32 only: in bf16 the untied head's
+    # weight, handed to the loss as a stage output, stopped training (parity cell
+    # bf16 w2-z0-ga4-pp2: lm_head left at its initial weights). Until that is understood, 16-bit
+    # pipelines compute the logits whole.
+    if recipe.model.dtype != "fp32":
+        chunk = 0
     # the pipeline turns the layers' own checkpointing off and checkpoints per pipe layer
     hf_model = build_model(recipe.model, tokenizer, seed=seed)
     module = build_pipeline_module(

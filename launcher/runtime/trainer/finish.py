@@ -101,4 +101,7 @@ def _export(trainer: Any, step_dir: Path, out: Path) -> None:
     unset_hf_deepspeed_config()
     trainer.built.hf_ds_config = None
     recipe = trainer.recipe
-    export_checkpoint(step_dir, out, recipe=recipe, dtype=recipe.model.dtype if recipe.model.dtype != "fp16" else "fp16")
+    # this run's own recipe, which the user started: its trust_remote_code holds here (a `ckpt
+    # export` of someone else's run directory takes it only from --trust-remote-code)
+    export_checkpoint(step_dir, out, recipe=recipe, dtype=recipe.model.dtype,
+                      trust_remote_code=recipe.model.trust_remote_code)

@@ -63,7 +63,8 @@ class Trainer:
         self.layout = parallel_layout(recipe, ctx.world_size)
         self.ckpt = Checkpointer(run_dir, rank=ctx.rank, world_size=ctx.world_size,
                                  meta={**self.layout, "fingerprint": fingerprint(recipe)},
-                                 keep_last=recipe.checkpoint.keep_last)
+                                 keep_last=recipe.checkpoint.keep_last,
+                                 pin_memory=ctx.on_gpu)  # pinned host copies: faster device-to-host
         self.progress = Progress()
         self.resumed_from = self.ckpt.find_resume() if resume else None
         if self.resumed_from is not None:
