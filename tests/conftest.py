@@ -60,4 +60,7 @@ def _private_run_registry(tmp_path_factory):
     """Runs started by tests (also in subprocesses) go to a throwaway registry, not the user's."""
     if "LAUNCHER_STATE_DIR" not in os.environ:
         os.environ["LAUNCHER_STATE_DIR"] = str(tmp_path_factory.mktemp("state"))
+    # and the data they prepare to a throwaway cache, not ~/.cache/launcher/data
+    if "LAUNCHER_DATA_CACHE" not in os.environ:
+        os.environ["LAUNCHER_DATA_CACHE"] = str(tmp_path_factory.mktemp("data-cache"))
     yield

@@ -85,7 +85,8 @@ def test_validate_reports_each_file(tmp_path):
     res = runner.invoke(app, ["recipes", "validate", str(RECIPES / "examples"), str(bad), "--json"])
     assert res.exit_code == 2
     rows = json.loads(res.output)
-    assert {r["path"].split("/")[-1]: r["ok"] for r in rows} == {"tiny-pretrain.yaml": True, "tiny-sft.yaml": True, "bad.yaml": False}
+    assert {r["path"].split("/")[-1]: r["ok"] for r in rows} == {
+        "tiny-mix.yaml": True, "tiny-pretrain.yaml": True, "tiny-sft.yaml": True, "bad.yaml": False}
     assert "did you mean 'max_steps'" in [r for r in rows if not r["ok"]][0]["error"]
 
 
