@@ -4,6 +4,8 @@ in fp32), and the logits of the whole micro-batch never exist (tiny Llama and GP
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -165,3 +167,16 @@ def test_recipe_key():
     d["train"]["chunked_loss"] = -1
     with pytest.raises(RecipeError, match="train.chunked_loss: must be 0"):
         from_dict(d)
+
+
+def test_16_bit_pipelines_compute_the_loss_whole_and_the_estimate_knows():
+    from launcher.estimate.estimator import chunked_loss
+    from launcher.recipe import load_recipe
+    from launcher.runtime.chunked_loss import recipe_chunk_tokens
+
+    tiny = Path(__file__).resolve().parents[1] / "recipes/examples/tiny-sft.yaml"
+    bf16_pp = load_recipe(tiny, ["model.dtype=bf16", "parallelism.pipeline_stages=2", "parallelism.zero_stage=0"])
+    assert recipe_chunk_tokens(bf16_pp) == 0 and chunked_loss(bf16_pp) == {"chunked_loss": False}
+    fp32_pp = load_recipe(tiny, ["parallelism.pipeline_stages=2", "parallelism.zero_stage=0"])
+    assert recipe_chunk_tokens(fp32_pp) == fp32_pp.train.chunked_loss > 0
+    assert recipe_chunk_tokens(load_recipe(tiny, ["model.dtype=bf16"])) > 0

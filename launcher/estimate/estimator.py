@@ -167,9 +167,9 @@ def chunked_loss(recipe: Recipe) -> dict[str, Any]:
 
     if importlib.util.find_spec("launcher.runtime.chunked_loss") is None:
         return {"chunked_loss": False}
-    from launcher.runtime.chunked_loss import FAMILIES
+    from launcher.runtime.chunked_loss import FAMILIES, recipe_chunk_tokens
 
-    tokens = int(getattr(recipe.train, "chunked_loss", 0) or 0)
+    tokens = recipe_chunk_tokens(recipe)
     family = model_config(recipe)[1].get("model_type")
     if tokens <= 0 or family not in FAMILIES:
         return {"chunked_loss": False}

@@ -26,6 +26,16 @@ from torch.utils.checkpoint import checkpoint
 IGNORE_INDEX = -100
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
+
+
+def recipe_chunk_tokens(recipe: Any) -> int:
+    """Tokens per chunk the runtime uses for `recipe` (0: the loss computed whole). 16-bit
+    pipelines compute it whole: there the untied head's weight, handed to the loss as a stage
+    output, stopped training (parity cell bf16 w2-z0-ga4-pp2); the estimate reads this too."""
+    tokens = int(getattr(recipe.train, "chunked_loss", 0) or 0)
+    if recipe.parallelism.pipeline_stages > 1 and recipe.model.dtype != "fp32":
+        return 0
+    return max(tokens, 0)
 """Models whose `ForCausalLM.forward` computes exactly `lm_head(base(...).last_hidden_state)` and
 transformers' causal-LM loss: nothing between the head and the loss (no logit scaling or capping)."""
 

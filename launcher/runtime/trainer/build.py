@@ -28,19 +28,16 @@ class Built:
 
 def _module(recipe: Recipe, tokenizer: Any) -> torch.nn.Module:
     stages = recipe.parallelism.pipeline_stages
-    seed, chunk = recipe.train.seed, recipe.train.chunked_loss
+    from launcher.runtime.chunked_loss import recipe_chunk_tokens
+
+    seed, chunk = recipe.train.seed, recipe_chunk_tokens(recipe)
     if stages == 1:
         # the chunked loss lives inside the model's forward: the objective still calls the engine,
         # whose forward prepares ZeRO's backward hooks
         return build_model(recipe.model, tokenizer, seed=seed, chunked_loss=chunk)
     from launcher.runtime.pipeline import build_pipeline_module
 
-    # The chunked loss through the pipe engine is proven in fp32 only: in bf16 the untied head's
-    # weight, handed to the loss as a stage output, stopped training (parity cell
-    # bf16 w2-z0-ga4-pp2: lm_head left at its initial weights). Until that is understood, 16-bit
-    # pipelines compute the logits whole.
-    if recipe.model.dtype != "fp32":
-        chunk = 0
+    # 16-bit pipelines get chunk 0 from recipe_chunk_tokens (the loss computed whole)
     # the pipeline turns the layers' own checkpointing off and checkpoints per pipe layer
     hf_model = build_model(recipe.model, tokenizer, seed=seed)
     module = build_pipeline_module(
