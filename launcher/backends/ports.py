@@ -24,18 +24,10 @@ import socket
 import sys
 from pathlib import Path
 
+from launcher.pids import pid_alive
+
 LOCK_ROOT_ENV = "LAUNCHER_PORT_LOCKS"
 """Where the locks live; default `/tmp/launcher-ray-ports` (node-local on a real cluster)."""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _lock(root: Path, ip: str, first: int, owner: int) -> bool:
@@ -49,7 +41,7 @@ def _lock(root: Path, ip: str, first: int, owner: int) -> bool:
                 holder = int((path / "pid").read_text())
             except (OSError, ValueError):
                 return False  # being written by its owner right now
-            if _alive(holder):
+            if pid_alive(holder):
                 return False
             try:  # a stale lock: remove it and try once more
                 (path / "pid").unlink(missing_ok=True)

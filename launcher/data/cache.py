@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from launcher.data.store import write_json
+from launcher.pids import pid_alive
 
 FORMAT_VERSION = 1
 """Bump when the files' meaning changes: every prepared data set is then prepared again."""
@@ -145,7 +146,7 @@ def remove_stale_staging(root: Path, max_age_s: float = 24 * 3600) -> list[Path]
     for p in root.glob(f"{STAGING}*") if root.is_dir() else []:
         try:
             host, pid = p.name[len(STAGING):].split("-", 1)[1].rsplit("-", 2)[:2]
-            alive = _alive(int(pid)) if host == here else True
+            alive = pid_alive(int(pid)) if host == here else True
         except ValueError:
             continue
         if not alive or time.time() - p.stat().st_mtime > max_age_s:
@@ -154,11 +155,3 @@ def remove_stale_staging(root: Path, max_age_s: float = 24 * 3600) -> list[Path]
     return removed
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
