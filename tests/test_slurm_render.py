@@ -153,17 +153,24 @@ def test_values_with_shell_metacharacters_are_never_executed(tmp_path, evil):
     assert (run_dir / "slurm" / "events.jsonl").exists()
 
 
-def test_preempted_driver_requeues_the_job(tmp_path):
+def _stubbed_job(tmp_path: Path, *, max_restarts: int, **extra_env: str) -> tuple[Path, Path, dict]:
+    """A rendered job script in RUN_DIR/slurm/job.sbatch whose Slurm, Ray and driver commands are
+    stubs that log their calls: (run_dir, call log, the job's environment on node1 of job 77)."""
     python_dir = tmp_path / "py"
     bin_dir = _stub_bin(tmp_path, python_dir)
     run_dir = tmp_path / "run"
     (run_dir / "slurm").mkdir(parents=True)
-    profile = profile_from_dict({"backend": "slurm", "runs_root": str(tmp_path), "max_restarts": 2})
+    profile = profile_from_dict({"backend": "slurm", "runs_root": str(tmp_path), "max_restarts": max_restarts})
     job = render_sbatch(recipe(), profile, str(run_dir), run_id="r", python=str(python_dir / "python"), workdir=str(tmp_path))
     (run_dir / "slurm" / "job.sbatch").write_text(job.script)
     log = tmp_path / "calls.log"
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "STUB_LOG": str(log), "SLURM_JOB_ID": "77",
-           "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "node1", "STUB_DRIVER_CODE": str(EXIT_PREEMPTED)}
+           "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "node1", **extra_env}
+    return run_dir, log, env
+
+
+def test_preempted_driver_requeues_the_job(tmp_path):
+    run_dir, log, env = _stubbed_job(tmp_path, max_restarts=2, STUB_DRIVER_CODE=str(EXIT_PREEMPTED))
 
     def run(restart: int, cancel: bool = False) -> list[list[str]]:
         log.write_text("")
@@ -192,16 +199,7 @@ def test_secrets_are_never_rendered(monkeypatch):
 
 
 def test_a_node_lost_twice_is_excluded_and_the_allocation_requeued(tmp_path):
-    python_dir = tmp_path / "py"
-    bin_dir = _stub_bin(tmp_path, python_dir)
-    run_dir = tmp_path / "run"
-    (run_dir / "slurm").mkdir(parents=True)
-    profile = profile_from_dict({"backend": "slurm", "runs_root": str(tmp_path), "max_restarts": 5})
-    job = render_sbatch(recipe(), profile, str(run_dir), run_id="r", python=str(python_dir / "python"), workdir=str(tmp_path))
-    (run_dir / "slurm" / "job.sbatch").write_text(job.script)
-    log = tmp_path / "calls.log"
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "STUB_LOG": str(log), "SLURM_JOB_ID": "77",
-           "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "node1", "SLURM_RESTART_COUNT": "2"}
+    run_dir, log, env = _stubbed_job(tmp_path, max_restarts=5, SLURM_RESTART_COUNT="2")
     events = run_dir / "slurm" / "events.jsonl"
 
     def run(failures: int) -> list[list[str]]:
