@@ -303,9 +303,16 @@ class DataConfig:
 class TrainConfig:
     """The optimisation: how long, how big the batches, which learning-rate schedule."""
 
-    task: Literal["sft", "pretrain"] = "sft"
+    task: Literal["sft", "pretrain", "dpo", "orpo", "kto"] = "sft"
     """`sft`: supervised fine-tuning on prompt/response data (prompt tokens masked); `pretrain`:
-    next-token prediction on every token of raw text."""
+    next-token prediction on every token of raw text; `dpo`, `orpo`: preference training on
+    `chosen`/`rejected` responses after a shared prompt; `kto`: preference training on single
+    responses labelled desirable or undesirable (see the `preference` section and docs/preference.md)."""
+
+    method: Literal["full", "lora", "qlora"] = "full"
+    """`full`: every weight is trained. `lora`: the base model is frozen and low-rank adapters are
+    trained (see the `lora` section); only they carry gradients and optimizer state. `qlora`: LoRA
+    on a base quantized to 4 bits by bitsandbytes (NVIDIA GPUs only)."""
 
     max_steps: int | None = None
     """Optimizer steps to run. Set this or `epochs`."""
@@ -381,6 +388,65 @@ class TrainConfig:
         _require(self.eval_every >= 0, "train.eval_every", "must be 0 or more")
         _require(self.eval_batches >= 1, "train.eval_batches", "must be at least 1")
         _require(self.chunked_loss >= 0, "train.chunked_loss", "must be 0 (off) or tokens per chunk, e.g. 1024")
+
+
+@dataclass(kw_only=True, slots=True)
+class LoraConfig:
+    """The adapters of `train.method: lora | qlora` (PEFT's LoRA)."""
+
+    rank: int = 16
+    """Rank r of each adapter's two matrices."""
+
+    alpha: float = 32.0
+    """Scaling numerator: the adapter's update is multiplied by alpha / rank."""
+
+    dropout: float = 0.05
+    """Dropout on the adapter's input during training."""
+
+    target_modules: list[str] = field(default_factory=list)
+    """Names (or name suffixes) of the linear layers that get adapters, e.g. `[q_proj, v_proj]`.
+    Empty: the family's attention and MLP projections (e.g. Llama's q/k/v/o, gate/up/down)."""
+
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained fully beside the adapters and saved with them, e.g. `[embed_tokens,
+    lm_head]` when tokens were added to the tokenizer."""
+
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """QLoRA: bitsandbytes' 4-bit data type of the frozen base."""
+
+    double_quant: bool = True
+    """QLoRA: quantize the quantization constants too (about 0.4 bits per weight saved)."""
+
+    def __post_init__(self) -> None:
+        _require(self.rank >= 1, "lora.rank", "must be at least 1, e.g. 16")
+        _require(self.alpha > 0, "lora.alpha", "must be positive, e.g. 32")
+        _require(0.0 <= self.dropout < 1.0, "lora.dropout", "must be in [0, 1), e.g. 0.05")
+
+
+@dataclass(kw_only=True, slots=True)
+class PreferenceConfig:
+    """Preference training (`train.task: dpo | orpo | kto`)."""
+
+    beta: float = 0.1
+    """DPO and KTO: the strength of the pull towards the reference policy (TRL's `beta`). ORPO: the
+    weight of the odds-ratio term beside the SFT loss (TRL's `beta`, lambda in the paper)."""
+
+    reference: Literal["auto", "copy", "precomputed", "base"] = "auto"
+    """DPO and KTO's reference policy. `copy`: a frozen copy of the starting model (partitioned
+    under ZeRO-3); `precomputed`: its log-probs computed in a first pass and stored with the
+    prepared data; `base`: with LoRA, the model with its adapters disabled (no second copy);
+    `auto`: `base` with LoRA, `copy` otherwise. ORPO needs none."""
+
+    desirable_weight: float = 1.0
+    """KTO: weight of the desirable examples' losses (raise it when they are the rarer kind)."""
+
+    undesirable_weight: float = 1.0
+    """KTO: weight of the undesirable examples' losses."""
+
+    def __post_init__(self) -> None:
+        _require(self.beta > 0, "preference.beta", "must be positive, e.g. 0.1")
+        _require(self.desirable_weight > 0, "preference.desirable_weight", "must be positive, e.g. 1.0")
+        _require(self.undesirable_weight > 0, "preference.undesirable_weight", "must be positive, e.g. 1.0")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -546,6 +612,12 @@ class Recipe:
     train: TrainConfig
     """The optimisation (see `train`)."""
 
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA and QLoRA adapters, for `train.method: lora | qlora` (see `lora`)."""
+
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    """DPO, ORPO and KTO, for `train.task: dpo | orpo | kto` (see `preference`)."""
+
     parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
     """How the model is split (see `parallelism`)."""
 
@@ -581,6 +653,8 @@ SECTIONS: tuple[type, ...] = (
     DataConfig,
     SyntheticDataConfig,
     TrainConfig,
+    LoraConfig,
+    PreferenceConfig,
     ParallelismConfig,
     ResourcesConfig,
     CheckpointConfig,
