@@ -29,11 +29,16 @@ SLURM_DIR ?= /tmp/launcher-slurm
 # the 2-node cluster of tests/test_multinode.py (network namespaces: needs root)
 SLURM_MN_DIR ?= /tmp/launcher-slurm-mn
 
+# Two pytest workers (pytest-xdist): much of a multi-process test is waiting (Ray and Slurm
+# starting, polls), which the other worker fills. A file's tests stay on one worker (module
+# fixtures run once) and the Slurm files share one (tests/conftest.py). TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
+
 test: setup-test
 	@export LAUNCHER_SLURM_DIR=$(SLURM_DIR) SLURM_CONF=$(SLURM_DIR)/slurm.conf; \
 	was_up=0; [ -f $$SLURM_CONF ] && timeout 5 sinfo -h >/dev/null 2>&1 && was_up=1; \
 	bash cluster/dev/slurm-up.sh >/dev/null; up=$$?; \
-	LAUNCHER_REQUIRE_SLURM=1 $(PY) -m pytest -q --durations=20; rc=$$?; \
+	LAUNCHER_REQUIRE_SLURM=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=30; rc=$$?; \
 	echo "SkyPilot's task parser on the rendered tasks ($(SKY_PY)):"; \
 	LAUNCHER_REQUIRE_SKYPILOT=1 $(SKY_PY) -m pytest -q -p no:cacheprovider tests/test_skypilot_render.py -k own_parser || rc=1; \
 	echo "--json prints JSON alone with SkyPilot installed ($(SKY_PY)):"; \
