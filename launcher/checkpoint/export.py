@@ -82,6 +82,7 @@ def export_checkpoint(
     progress: Progress | None = None,
     remap_bytes: int = REMAP_BYTES,
     trust_remote_code: bool = False,
+    merge: bool = False,
 ) -> dict[str, Any]:
     """Write the checkpoint at `step_dir` to `out` as a Hugging Face model directory.
 
@@ -93,6 +94,10 @@ def export_checkpoint(
     builds the config and tokenizer; a checkpoint that does not match the recipe's model is
     refused and whatever was written is removed. Returns a summary (files, total_bytes, params,
     tensors, seconds, ...).
+
+    A LoRA run's checkpoint (`train.method: lora | qlora`) is exported as its adapter in PEFT's
+    format, or with `merge` as the merged model (`launcher.checkpoint.export_lora`); `merge` of
+    a full fine-tuning checkpoint is refused.
     """
     start = time.perf_counter()
     step_dir, out = Path(step_dir), Path(out)
@@ -102,8 +107,15 @@ def export_checkpoint(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out}: already exists and is not empty: choose a new --out directory or delete it")
 
+    from launcher.checkpoint.export_lora import export_lora, is_lora_checkpoint
     from launcher.checkpoint.zero_reader import pipeline_layer_files
 
+    if not pipeline_layer_files(step_dir) and is_lora_checkpoint(step_dir):
+        return export_lora(step_dir, out, recipe=recipe, dtype=dtype, merge=merge, max_shard_size=max_shard_size,
+                           trust_remote_code=trust_remote_code)
+    if merge:
+        raise UserError(f"{step_dir}: --merge applies to LoRA runs (train.method: lora | qlora); this checkpoint "
+                        "has no adapters: export it without --merge")
     if pipeline_layer_files(step_dir):
         return _export_pipeline(step_dir, out, recipe=recipe, dtype=dtype, max_shard_size=max_shard_size,
                                 progress=progress, start=start, trust_remote_code=trust_remote_code)

@@ -12,6 +12,7 @@ def check_combinations(r: Recipe) -> None:
     _check_data(r)
     _check_model(r)
     _check_packed_attention(r)
+    _check_lora(r)
 
 
 def _check_layout(r: Recipe) -> None:
@@ -67,16 +68,78 @@ def _check_data(r: Recipe) -> None:
                 f"a {made} source cannot join a mixture whose data.format is {fmt}: pretraining "
                 "mixes text sources only, SFT mixes alpaca, sharegpt and chat sources",
             )
+    if task in ("dpo", "orpo", "kto"):
+        _check_preference(r)
     if task == "pretrain" and fmt != "text":
         raise RecipeError(
             "data.format",
             f"train.task=pretrain reads raw text: set data.format=text (got {fmt}), or train.task=sft",
         )
+    if task in ("sft", "pretrain"):
+        from launcher.data.synthetic import KTO_TASKS, PAIR_TASKS
+
+        synthetic = r.data.synthetic
+        if synthetic is not None and synthetic.task in PAIR_TASKS + KTO_TASKS:
+            raise RecipeError(
+                "data.synthetic.task",
+                f"synthetic.task={synthetic.task} generates preference rows: set train.task="
+                f"{'dpo' if synthetic.task in PAIR_TASKS else 'kto'}, or data.synthetic.task=reverse",
+            )
     if task == "sft" and fmt == "text":
         raise RecipeError(
             "train.task",
             "data.format=text has no prompt/response pairs: set train.task=pretrain, or use an "
             "instruction format (alpaca, sharegpt, chat)",
+        )
+
+
+def _check_preference(r: Recipe) -> None:
+    """DPO, ORPO and KTO read pairs (or labelled responses) one sequence at a time, from the
+    data-parallel step: what the data or the layout cannot give is refused here."""
+    from launcher.data.synthetic import KTO_TASKS, PAIR_TASKS
+
+    task, data = r.train.task, r.data
+    wanted = "chosen/rejected pairs" if task != "kto" else "responses with a desirable/undesirable label"
+    if data.format == "text":
+        raise RecipeError(
+            "data.format",
+            f"train.task={task} needs {wanted}, which data.format=text has not: use data.format=alpaca, "
+            "sharegpt or chat with preference rows (docs/preference.md), or train.task=pretrain",
+        )
+    made = PAIR_TASKS if task != "kto" else KTO_TASKS
+    for key, synthetic in [("data", data.synthetic)] + [(f"data.sources[{i}]", s.synthetic) for i, s in enumerate(data.sources)]:
+        if synthetic is not None and synthetic.task not in made:
+            raise RecipeError(
+                f"{key}.synthetic.task",
+                f"train.task={task} needs {wanted}; synthetic.task={synthetic.task} generates SFT rows "
+                f"without them: set {key}.synthetic.task={made[0]}, or train.task=sft",
+            )
+    if data.packing:
+        raise RecipeError(
+            "data.packing",
+            f"train.task={task} scores each sequence on its own (a pair's log-probabilities): set data.packing=false",
+        )
+    if r.parallelism.pipeline_stages > 1:
+        raise RecipeError(
+            "parallelism.pipeline_stages",
+            f"train.task={task} needs whole-sequence log-probabilities of the policy and the reference "
+            "in one step, which the pipeline engine's stage-by-stage loss cannot give: set "
+            "parallelism.pipeline_stages=1 (ZeRO-3 partitions the model instead)",
+        )
+    ref = r.preference.reference
+    if task == "orpo":
+        return
+    if ref == "precomputed":
+        raise RecipeError(
+            "preference.reference",
+            "precomputed reference log-probs are not implemented yet: set preference.reference=copy "
+            "(a frozen copy, partitioned under ZeRO-3) or auto",
+        )
+    if ref == "base" and r.train.method == "full":
+        raise RecipeError(
+            "preference.reference",
+            "reference=base disables LoRA adapters, and train.method=full has none: set "
+            "preference.reference=copy (or auto), or train.method=lora",
         )
 
 
@@ -136,3 +199,36 @@ def _check_packed_attention(r: Recipe) -> None:
             f"train.micro_batch_size=1 train.grad_accum={mbs * accum} (same global batch), or "
             "model.attn_implementation=sdpa",
         )
+
+
+def _check_lora(r: Recipe) -> None:
+    """LoRA and QLoRA (`train.method`): layouts and devices they cannot run on, and adapter
+    targets that match nothing (checked here on the meta device for a model built from
+    `model.config`; a pretrained model's names are checked by the driver's preflight)."""
+    method = r.train.method
+    if method == "full":
+        return
+    if r.parallelism.pipeline_stages > 1:
+        raise RecipeError(
+            "parallelism.pipeline_stages",
+            f"train.method={method} cannot run with pipeline stages: the pipeline rebuilds the decoder "
+            "layers into its own modules, which PEFT's adapters do not wrap. Set "
+            "parallelism.pipeline_stages=1 (ZeRO-3 already partitions the frozen base), or train.method=full",
+        )
+    if method == "qlora":
+        if not r.resources.gpus_per_node:
+            raise RecipeError(
+                "train.method",
+                "qlora needs NVIDIA GPUs (bitsandbytes' 4-bit kernels) and this recipe runs on CPU workers "
+                "(resources.gpus_per_node: 0): set train.method=lora, or resources.gpus_per_node",
+            )
+        if not r.model.name_or_path:
+            raise RecipeError(
+                "train.method",
+                "qlora quantizes pretrained weights as they load, and model.config builds a random model: "
+                "set model.name_or_path, or train.method=lora",
+            )
+    if not r.model.name_or_path and (r.model.config or {}).get("model_type"):
+        from launcher.runtime.lora import check_targets, meta_model
+
+        check_targets(r, meta_model(r))

@@ -45,11 +45,13 @@ def model_config(cfg: ModelConfig, tokenizer: Any) -> Any:
     return config
 
 
-def build_model(cfg: ModelConfig, tokenizer: Any, *, seed: int, chunked_loss: int = 0) -> torch.nn.Module:
+def build_model(cfg: ModelConfig, tokenizer: Any, *, seed: int, chunked_loss: int = 0,
+                quantization: Any = None) -> torch.nn.Module:
     """Instantiate the model. Under ZeRO-3 the caller keeps an `HfDeepSpeedConfig` alive, so
     transformers builds it inside `deepspeed.zero.Init` and no rank holds the full model.
     `chunked_loss` (`train.chunked_loss`): tokens per chunk of the loss that `model(**batch)`
-    returns when given labels (see `launcher.runtime.chunked_loss`); 0 keeps transformers' own."""
+    returns when given labels (see `launcher.runtime.chunked_loss`); 0 keeps transformers' own.
+    `quantization`: a transformers quantization config (QLoRA's 4-bit base), pretrained models only."""
     from transformers import AutoModelForCausalLM
 
     from launcher.pretrained import source
@@ -57,6 +59,8 @@ def build_model(cfg: ModelConfig, tokenizer: Any, *, seed: int, chunked_loss: in
     torch.manual_seed(seed)  # identical init on every rank; ZeRO also broadcasts from rank 0
     config = model_config(cfg, tokenizer)
     kwargs = {"dtype": TORCH_DTYPES[cfg.dtype], "attn_implementation": cfg.attn_implementation}
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
     if cfg.name_or_path:
         model = AutoModelForCausalLM.from_pretrained(
             source(cfg.name_or_path), config=config, trust_remote_code=cfg.trust_remote_code, **kwargs

@@ -34,7 +34,7 @@ def _module(recipe: Recipe, tokenizer: Any) -> torch.nn.Module:
     if stages == 1:
         # the chunked loss lives inside the model's forward: the objective still calls the engine,
         # whose forward prepares ZeRO's backward hooks
-        return build_model(recipe.model, tokenizer, seed=seed, chunked_loss=chunk)
+        return _with_adapters(recipe, tokenizer, seed=seed, chunk=chunk)
     from launcher.runtime.pipeline import build_pipeline_module
 
     # 16-bit pipelines get chunk 0 from recipe_chunk_tokens (the loss computed whole)
@@ -45,6 +45,16 @@ def _module(recipe: Recipe, tokenizer: Any) -> torch.nn.Module:
         activation_checkpointing=recipe.model.activation_checkpointing, chunked_loss=chunk)
     del hf_model  # this stage's layers live on in `module`; the others are freed
     return module
+
+
+def _with_adapters(recipe: Recipe, tokenizer: Any, *, seed: int, chunk: int) -> torch.nn.Module:
+    """The model, wrapped in PEFT's LoRA adapters for `train.method: lora | qlora` (checks.py
+    refuses LoRA with pipeline stages)."""
+    from launcher.runtime.lora import apply_lora, quantization_config, uses_lora
+
+    quant = quantization_config(recipe) if recipe.train.method == "qlora" else None
+    model = build_model(recipe.model, tokenizer, seed=seed, chunked_loss=chunk, quantization=quant)
+    return apply_lora(model, recipe, seed=seed) if uses_lora(recipe) else model
 
 
 def build(recipe: Recipe, ctx: WorkerContext, tokenizer: Any, objective: Objective, *, steps: int) -> Built:
