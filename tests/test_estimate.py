@@ -199,8 +199,10 @@ def test_too_big_for_one_24gb_gpu_gets_suggestions_that_fit():
         assert again.fits is True
         assert again.memory.per_gpu["total"] == s.per_gpu_total_bytes
     assert len(fitting) == len(est.suggestions)  # the search lists only what fits
-    per_token = [s.gpu_seconds_per_token for s in est.suggestions]
+    same = [s for s in est.suggestions if "train.method" not in s.change]
+    per_token = [s.gpu_seconds_per_token for s in same]
     assert per_token == sorted(per_token)  # cheapest first
+    assert est.suggestions[:len(same)] == same  # then those that train another way (LoRA, QLoRA)
 
 
 # --- time ----------------------------------------------------------------------------------------

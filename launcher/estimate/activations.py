@@ -100,13 +100,27 @@ def hidden_grad_bytes(shape: ModelShape, lay: Layout) -> int:
     return lay.seq_len * lay.micro_batch * _bytes(lay) * shape.hidden if lay.chunked_loss else 0
 
 
-def terms(shape: ModelShape, lay: Layout) -> Terms:
+def lora_bytes(inputs: tuple[tuple[int, int], ...], rank: int, dropout: float, lay: Layout) -> tuple[int, int]:
+    """(kept, whole) bytes per token and block that PEFT's LoRA adds for the adapted linear layers
+    of a block, `inputs` being (in features, layers): each keeps its rank-sized A output for B's
+    backward and, with dropout, its own dropped-out copy of the input and the dropout mask (a + 1
+    bytes per input feature). `whole`: without checkpointing (a recomputed block holds this);
+    `kept`: in the recipe's mode (selective keeps only matmul outputs; full keeps none)."""
+    a = _bytes(lay)
+    ranks = sum(a * rank * n for _fin, n in inputs)
+    drop = sum((a + 1) * fin * n for fin, n in inputs) if dropout > 0 else 0
+    whole = ranks + drop
+    return {"none": whole, "selective": ranks, "full": 0}[lay.ckpt], whole
+
+
+def terms(shape: ModelShape, lay: Layout, extra: tuple[int, int] = (0, 0)) -> Terms:
+    """`extra`: (kept, whole) bytes per token and block a method adds (`lora_bytes`)."""
     a, s, b = _bytes(lay), lay.seq_len, lay.micro_batch
     tok = s * b
     layers = math.ceil(shape.num_layers / lay.pipeline_stages)
-    block = 2 * norm_bytes(shape, a) + attention_bytes(shape, lay) + mlp_bytes(shape, a)
+    block = 2 * norm_bytes(shape, a) + attention_bytes(shape, lay) + mlp_bytes(shape, a) + extra[1]
     mask = b * s * s * (1 if lay.attn == "sdpa" else 0)  # sdpa keeps the boolean 4D mask
-    stored = tok * (layers * kept_per_block(shape, lay) + norm_bytes(shape, a)) + mask
+    stored = tok * (layers * (kept_per_block(shape, lay) + extra[0]) + norm_bytes(shape, a)) + mask
     scores = tok * shape.heads * s * (4 + (a if a < 4 else 0)) if lay.attn == "eager" else 0
     # a block's activation gradients; eager adds the gradients of its s x s probabilities (fp32 + 16-bit)
     grads = tok * a * (2 * shape.intermediate + 2 * shape.hidden) + scores

@@ -9,11 +9,15 @@ from launcher.errors import UserError
 from launcher.estimate import catalog, compute, cost, memory, prices
 from launcher.estimate.hardware import GPUS, GiB, Gpu, find_gpu
 from launcher.estimate.layout import Layout, check_data_parallel, check_layout
+from launcher.estimate.method import Method, method_for
 from launcher.estimate.params import ModelShape, model_shape
 from launcher.estimate.suggest import Check, Suggestion, suggest
 from launcher.recipe.sections import Recipe
 
 DEFAULT_GPU = "H100-80GB"
+PREFERENCE_TASKS = ("dpo", "orpo", "kto")
+OTHER_METHODS = {"full": ("lora", "qlora"), "lora": ("qlora",), "qlora": ()}
+"""Methods the layout search also tries when the recipe's does not fit (fewer trainable bytes)."""
 
 
 @dataclass
@@ -45,6 +49,9 @@ class Estimate:
     """Host RAM per node the offloaded states must fit in (None: no GPU named)."""
     host_memory_source: str | None = None
     host_fits: bool | None = None
+    method: Method | None = None
+    """What the method (full, LoRA, QLoRA) and task (DPO, ORPO, KTO) change: trainable and
+    frozen parameters, sequences per example, the reference policy."""
 
     @property
     def capacity(self) -> int | None:
@@ -70,7 +77,9 @@ class Estimate:
                        "offload_param": lay.offload_param, "dtype": lay.dtype, "micro_batch_size": lay.micro_batch,
                        "grad_accum": lay.grad_accum, "seq_len": lay.seq_len,
                        "gradient_checkpointing": lay.grad_ckpt, "activation_checkpointing": lay.ckpt,
-                       "chunked_loss": lay.chunked_loss, "attn_implementation": lay.attn},
+                       "chunked_loss": lay.chunked_loss, "attn_implementation": lay.attn,
+                       "method": lay.method, "task": lay.task},
+            "method": self.method.to_json() if self.method else None,
             "per_gpu_bytes": per_gpu,
             "peak_phase": self.memory.peak_phase,
             **({"traced_per_gpu_bytes": self.trace["traced_per_gpu_bytes"],
@@ -148,6 +157,7 @@ def _layout(recipe: Recipe, nodes: int, gpus_per_node: int) -> Layout:
         dtype=m.dtype,
         micro_batch=t.micro_batch_size, grad_accum=t.grad_accum, seq_len=recipe.data.max_seq_len,
         ckpt=checkpointing_mode(m), attn=m.attn_implementation, **chunked_loss(recipe),
+        method=t.method, task=t.task,
     )
 
 
@@ -171,7 +181,8 @@ def chunked_loss(recipe: Recipe) -> dict[str, Any]:
 
     tokens = recipe_chunk_tokens(recipe)
     family = model_config(recipe)[1].get("model_type")
-    if tokens <= 0 or family not in FAMILIES:
+    # the preference losses need every token's log-prob: their logits are computed whole
+    if tokens <= 0 or family not in FAMILIES or recipe.train.task in PREFERENCE_TASKS:
         return {"chunked_loss": False}
     return {"chunked_loss": True, "chunk_tokens": tokens}
 
@@ -269,13 +280,20 @@ def estimate_recipe(
         ex_src = "train.max_steps"
     check_data_parallel(lay, examples)
 
+    methods: dict[str, Method] = {}
+
+    def method_of(layout: Layout) -> Method:
+        if layout.method not in methods:
+            methods[layout.method] = method_for(recipe, shape, layout.method)
+        return methods[layout.method]
+
     def mem_for(layout: Layout) -> memory.MemoryEstimate:
         ds = build_ds_config(recipe, data_parallel=layout.data_parallel, on_gpu=gpu_spec is not None)
         zero = ds.setdefault("zero_optimization", {})
         zero["stage"] = layout.zero_stage
         if layout.zero_stage == 3 and "stage3_prefetch_bucket_size" not in zero:
             zero.update(stage3_prefetch_bucket_size=5e7, stage3_param_persistence_threshold=1e5)
-        return memory.estimate_memory(shape, layout, ds)
+        return memory.estimate_memory(shape, layout, ds, method_of(layout))
 
     def time_for(layout: Layout, g: Gpu) -> compute.TimeEstimate:
         n_steps = compute.total_steps(examples, t.max_steps, t.epochs, layout)
@@ -284,14 +302,15 @@ def estimate_recipe(
             # a given efficiency is the recipe layout's: offload in a suggestion still costs its share
             eff = mfu * compute.default_mfu(layout) / compute.default_mfu(lay)
         return compute.estimate_time(shape, layout, g, steps=n_steps, avg_seq_len=avg_seq_len, mfu=eff,
-                                     network_gbps=network_gbps)
+                                     network_gbps=network_gbps, method=method_of(layout))
 
     mem = mem_for(lay)
     est = Estimate(
         recipe_name=recipe.name, model=model_name, shape=shape, layout=lay, gpu=gpu_spec, memory=mem,
         fits=None, suggestions=[], time=None, costs=[], prices_as_of=None, prices_source=None,
-        examples=examples, examples_source=ex_src, notes=notes, title=title,
+        examples=examples, examples_source=ex_src, notes=notes, title=title, method=method_of(lay),
     )
+    notes += method_notes(recipe, est.method, lay)
     steps = compute.total_steps(examples, t.max_steps, t.epochs, lay)
     if steps is None:
         notes.append(f"total steps unknown ({ex_src}): set train.max_steps or pass --dataset-rows")
@@ -310,7 +329,10 @@ def estimate_recipe(
         own = check(lay)
         est.gpu_fits, est.host_fits, est.fits = own.gpu_fits, own.host_fits, own.fits
         if not est.fits or search:
-            est.suggestions = suggest(lay, check, usd_per_gpu_hour=usd_per_gpu_hour or cheapest_gpu_hour(gpu_spec))
+            others = () if est.fits else tuple(
+                x for x in OTHER_METHODS.get(lay.method, ()) if x != "qlora" or recipe.model.name_or_path)
+            est.suggestions = suggest(lay, check, usd_per_gpu_hour=usd_per_gpu_hour or cheapest_gpu_hour(gpu_spec),
+                                      methods=others)
         est.time = time_for(lay, gpu_spec)
         est.warnings += est.time.warnings
         if avg_seq_len is None and not recipe.data.packing:
@@ -324,6 +346,31 @@ def estimate_recipe(
         notes.append("with offload, DeepSpeed's estimate covers model states only; real use adds the rows "
                      "below it (activations, buffers), which its users report as the 10-40x surprise")
     return est
+
+
+def method_notes(recipe: Recipe, m: Method, lay: Layout) -> list[str]:
+    """What the estimate assumes for the recipe's method and task."""
+    out = []
+    if not m.full:
+        out.append(f"{'QLoRA' if m.method == 'qlora' else 'LoRA'}: {m.trainable:,} trainable parameters "
+                   f"({m.trainable / (m.base_16bit + m.quantized):.2%} of {m.base_16bit + m.quantized:,}); "
+                   "only they have gradients and optimizer states")
+    if m.method == "qlora":
+        out.append("QLoRA: the base in bitsandbytes 4-bit ("
+                   f"{recipe.lora.quant_type}{', double quantization' if recipe.lora.double_quant else ''}), "
+                   "dequantized for every matmul; it needs NVIDIA GPUs")
+        if lay.offload_param != "none":
+            out.append("QLoRA with parameter offload: PEFT reports that CPU offload raises GPU memory with "
+                       "4-bit bases; prefer ZeRO-3 without offload")
+    if m.task in PREFERENCE_TASKS:
+        seqs = {"dpo": "chosen and rejected per pair", "orpo": "chosen and rejected per pair, no reference",
+                "kto": "one completion per example plus a forward-only KL completion"}[m.task]
+        ref = {"copy": "a frozen copy of the starting model", "base": "the base with its adapters off (no copy)",
+               "precomputed": "log-probs computed before training (no model)", "none": "none"}[m.reference]
+        out.append(f"{m.task.upper()}: {seqs}; reference policy: {ref}; its logits are computed whole "
+                   "(no chunked loss)" + ("" if m.task == "orpo" else f"; {m.no_grad_sequences} forward-only "
+                                          "sequences per example"))
+    return out
 
 
 def _add_costs(est: Estimate, recipe: Recipe, time_for: Any, *, live_prices: bool, preemption_rate: float,
@@ -363,8 +410,9 @@ def _add_costs(est: Estimate, recipe: Recipe, time_for: Any, *, live_prices: boo
         est.costs = cost.mark_cheapest(est.costs)
 
 
-def model_recipe(name: str, overrides: list[str] | None = None) -> Recipe:
-    """A recipe for `launcher estimate --model NAME`: defaults for everything but the model."""
+def model_recipe(name: str, overrides: list[str] | None = None, gpu: str | None = None) -> Recipe:
+    """A recipe for `launcher estimate --model NAME`: defaults for everything but the model.
+    `gpu` (the `--gpu` given): its usual count per node, 1 for consumer and workstation cards."""
     from launcher.recipe.load import _apply_overrides, from_dict  # noqa: PLC2701
     from omegaconf import OmegaConf
 
@@ -376,6 +424,9 @@ def model_recipe(name: str, overrides: list[str] | None = None) -> Recipe:
         "parallelism": {"zero_stage": 3},
         "resources": {"nodes": 1, "gpus_per_node": 8, "gpu": DEFAULT_GPU},
     }
+    if gpu:
+        spec = find_gpu(gpu)
+        base["resources"].update(gpu=spec.name, gpus_per_node=spec.default_count)
     origins: dict[str, str] = {}  # which values the command line set, for error messages
     cfg = _apply_overrides(OmegaConf.create(base), overrides or [], origins)
     return from_dict(OmegaConf.to_container(cfg, resolve=True), source=f"--model {name}", origins=origins)

@@ -27,6 +27,10 @@ class Layout:
     chunked_loss: bool = False
     """Cross-entropy computed `chunk_tokens` tokens at a time (the logits never whole in fp32)."""
     chunk_tokens: int = 1024
+    method: str = "full"
+    """`train.method`: full, lora or qlora (the search may suggest another)."""
+    task: str = "sft"
+    """`train.task`: sft, pretrain, dpo, orpo or kto."""
 
     @property
     def grad_ckpt(self) -> bool:
@@ -54,8 +58,10 @@ class Layout:
         if self.offload_param != "none":
             off.append(f"params->{self.offload_param}")
         pp = f", {self.pipeline_stages} pipeline stages" if self.pipeline_stages > 1 else ""
+        method = {"full": "", "lora": "LoRA, ", "qlora": "QLoRA (4-bit base), "}.get(self.method, "")
+        task = f"{self.task.upper()}, " if self.task in ("dpo", "orpo", "kto") else ""
         return (
-            f"{self.nodes} node(s) x {self.gpus_per_node} GPU(s), ZeRO-{self.zero_stage}"
+            task + method + f"{self.nodes} node(s) x {self.gpus_per_node} GPU(s), ZeRO-{self.zero_stage}"
             + (f" (offload {', '.join(off)})" if off else "") + pp
             + f", {self.dtype}, micro-batch {self.micro_batch} x {self.seq_len} tokens, accumulation {self.grad_accum}"
             + (f", {self.ckpt} activation checkpointing" if self.grad_ckpt else "") + f", {self.attn} attention"

@@ -16,7 +16,9 @@ from launcher.estimate.prices import Offer
 
 # SkyPilot's accelerator names for the estimator's GPUs
 SKY_NAMES = {"H100-80GB": "H100", "H200-141GB": "H200", "A100-80GB": "A100-80GB", "A100-40GB": "A100",
-             "L4-24GB": "L4", "A10G-24GB": "A10G", "V100-16GB": "V100", "V100-32GB": "V100-32GB"}
+             "L4-24GB": "L4", "A10G-24GB": "A10G", "V100-16GB": "V100", "V100-32GB": "V100-32GB",
+             "L40S-48GB": "L40S", "RTX-A6000-48GB": "A6000", "RTX4090-24GB": "RTX4090", "RTX3090-24GB": "RTX3090",
+             "RTX5090-32GB": "RTX5090"}
 
 
 def read_sky_catalog() -> dict:
@@ -29,7 +31,7 @@ def read_sky_catalog() -> dict:
     offers: list[Offer] = []
     for ours, theirs in SKY_NAMES.items():
         found = sky_catalog.list_accelerators(gpus_only=True, name_filter=theirs, case_sensitive=False,
-                                              clouds=["aws", "gcp", "azure", "lambda"], all_regions=False)
+                                              clouds=["aws", "gcp", "azure", "lambda", "runpod"], all_regions=False)
         for name, infos in found.items():
             if name.lower() != theirs.lower():
                 continue

@@ -15,6 +15,7 @@ from typing import Any
 from launcher.estimate import activations as act
 from launcher.estimate.hardware import GiB
 from launcher.estimate.layout import Layout
+from launcher.estimate.method import Method
 from launcher.estimate.params import ModelShape
 
 CATEGORIES = ("params", "grads", "optimizer", "activations", "buffers", "overhead")
@@ -192,13 +193,19 @@ def model_states(shape: ModelShape, lay: Layout, ds_config: dict[str, Any]) -> M
     return est
 
 
-def transient_grads(shape: ModelShape, lay: Layout) -> int:
+def transient_grads(shape: ModelShape, lay: Layout, trainable: int | None = None) -> int:
     """16-bit gradients that exist only from backward until the optimizer step: ZeRO-0/1 keep them
-    whole (ZeRO-2/3 reduce-scatter them through the buckets as backward makes them)."""
-    return lay.weight_bytes * stage_params(shape, lay.pipeline_stages) if lay.zero_stage <= 1 else 0
+    whole (ZeRO-2/3 reduce-scatter them through the buckets as backward makes them). `trainable`:
+    the parameters with gradients when not all of them (LoRA), before the pipeline split."""
+    if lay.zero_stage > 1:
+        return 0
+    P = stage_params(shape, lay.pipeline_stages)
+    if trainable is not None:
+        P = math.ceil(trainable * P / shape.total)
+    return lay.weight_bytes * P
 
 
-def activation_rows(shape: ModelShape, lay: Layout) -> tuple[list[Row], str]:
+def activation_rows(shape: ModelShape, lay: Layout, method: Method | None = None) -> tuple[list[Row], str]:
     """The activation rows (and ZeRO-0/1's 16-bit gradients) at the step's peak, and its phase.
 
     Peak = the largest of: forward (kept activations + the loss), the start of backward (kept
@@ -206,11 +213,18 @@ def activation_rows(shape: ModelShape, lay: Layout) -> tuple[list[Row], str]:
     16-bit gradient + the last block's backward). The 16-bit gradients are not all live at the
     activation peak: adding them to it overstated 8B by 15 GiB. Terms: launcher/estimate/activations.py.
     """
-    t = act.terms(shape, lay)
+    seqs = method.sequences if method else 1
+    extra = act.lora_bytes(method.adapter_inputs, method.rank, method.dropout, lay) if method and not method.full \
+        else (0, 0)
+    t = act.terms(shape, lay.with_(micro_batch=lay.micro_batch * seqs), extra)
     layers = math.ceil(shape.num_layers / lay.pipeline_stages)
     label = {"none": "all block activations", "full": "block inputs (full checkpointing)",
              "selective": "matmul outputs + block inputs (selective checkpointing)"}[lay.ckpt]
-    what = f"{label}: {layers} layers x micro-batch {lay.micro_batch} x {lay.seq_len} tokens"
+    if extra[0]:
+        label += " + LoRA's rank-sized outputs" + (" and dropout copies" if lay.ckpt == "none" and method.dropout
+                                                   else "")
+    pairs = f" x {seqs} sequences (chosen + rejected)" if seqs > 1 else ""
+    what = f"{label}: {layers} layers x micro-batch {lay.micro_batch}{pairs} x {lay.seq_len} tokens"
     working = ("backward of one block: recomputed + its gradients" if lay.grad_ckpt
                else "backward of one block: its gradients")
     hg = act.hidden_grad_bytes(shape, lay)
@@ -226,7 +240,7 @@ def activation_rows(shape: ModelShape, lay: Layout) -> tuple[list[Row], str]:
         if in_flight * t.stored + t.working > t.stored + t.loss_backward:
             stored = [Row(f"{what} x {in_flight} micro-batches in flight (first stage)", "activations",
                           in_flight * t.stored)]
-    grads16 = transient_grads(shape, lay)
+    grads16 = transient_grads(shape, lay, None if method is None or method.full else method.trainable)
     phases = [
         ("forward", stored + [Row(loss + ", forward", "activations", t.loss_forward)]),
         ("backward", stored + loss_rows if t.loss_backward >= t.working
@@ -234,6 +248,8 @@ def activation_rows(shape: ModelShape, lay: Layout) -> tuple[list[Row], str]:
         ("backward", [Row("16-bit gradients, all live at the end of backward (freed by the step)", "grads",
                           grads16), Row(working, "activations", t.working)]),
     ]
+    if method and method.no_grad_sequences:
+        phases.append(("forward", no_grad_rows(shape, lay, method)))
     phase, rows = max(phases, key=lambda pr: sum(r.bytes for r in pr[1]))
     if lay.attn == "eager":
         rows = rows + [Row("  of which eager attention scores (s x s per head, per layer)", "info",
@@ -241,9 +257,45 @@ def activation_rows(shape: ModelShape, lay: Layout) -> tuple[list[Row], str]:
     return [r for r in rows if r.bytes or r.category == "activations"], phase
 
 
-def estimate_memory(shape: ModelShape, lay: Layout, ds_config: dict[str, Any]) -> MemoryEstimate:
-    est = model_states(shape, lay, ds_config)
-    rows, est.peak_phase = activation_rows(shape, lay)
+def no_grad_rows(shape: ModelShape, lay: Layout, method: Method) -> list[Row]:
+    """The forward passes without gradients (the reference policy, KTO's KL completions): before
+    the policy's forward, with nothing kept: one block at a time and the log-probs of their
+    sequences over the whole vocabulary (16-bit logits, fp32 copy and log-softmax)."""
+    tok = lay.micro_batch * lay.seq_len * method.no_grad_sequences
+    t = act.terms(shape, lay.with_(micro_batch=lay.micro_batch * method.no_grad_sequences, ckpt="none"))
+    a = lay.weight_bytes
+    what = "reference policy" if method.reference not in ("none", "precomputed") else "policy without gradients"
+    return [Row(f"forward of the {what}: one block at a time ({method.no_grad_sequences} sequences per example)",
+                "activations", t.per_block),
+            Row(f"log-probs of those sequences over the {shape.vocab:,}-token vocabulary", "activations",
+                tok * shape.vocab * (a + 8))]
+
+
+def reference_rows(method: Method, lay: Layout) -> list[Row]:
+    """A frozen copy of the starting model as DPO/KTO's reference (`preference.reference: copy`)."""
+    if method.reference != "copy" or not method.reference_bytes:
+        return []
+    z3 = lay.zero_stage == 3
+    share = math.ceil(method.reference_bytes / lay.data_parallel) if z3 else method.reference_bytes
+    if lay.pipeline_stages > 1:
+        share = math.ceil(share / lay.pipeline_stages)
+    return [Row("reference policy: frozen copy of the starting model (" +
+                (f"1/{lay.data_parallel} partition)" if z3 else "whole on every GPU)"), "params", share)]
+
+
+def estimate_memory(shape: ModelShape, lay: Layout, ds_config: dict[str, Any],
+                    method: Method | None = None) -> MemoryEstimate:
+    """Memory per GPU and host memory per node; `method` (None: full fine-tuning of SFT/pretraining)
+    adds what LoRA, QLoRA and the preference tasks change (launcher/estimate/method.py)."""
+    if method is not None and not method.full:
+        from launcher.estimate.adapter_memory import adapter_states
+
+        est = adapter_states(shape, method, lay, ds_config)
+    else:
+        est = model_states(shape, lay, ds_config)
+    if method is not None:
+        est.rows += reference_rows(method, lay)
+    rows, est.peak_phase = activation_rows(shape, lay, method)
     est.rows += [r for r in rows if r.category != "info"]
     dynamic = sum(r.bytes for r in est.rows if r.category in ("activations", "buffers"))
     est.rows.append(Row("CUDA context, cuBLAS workspace, NCCL", "overhead", CUDA_CONTEXT_BYTES))

@@ -19,7 +19,8 @@ from typing import Any
 from launcher.errors import RecipeError
 
 SHIPPED = Path(__file__).parent / "data" / "param_counts.json"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+"""2: `ModelShape.modules` (the per-module table LoRA and QLoRA are counted from)."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,11 @@ class ModelShape:
     tied: bool
     numels: dict[int, int]
     """Histogram: parameter size -> how many parameters have it (for ZeRO's per-parameter partitioning)."""
+    modules: tuple[tuple[str, str, int, int, int, int], ...] = ()
+    """Every module holding parameters directly: (name with the block index as `*`, kind, parameters
+    it holds (tied ones once), in features, out features, how many blocks repeat it). Kinds:
+    `linear` (nn.Linear, transformers' Conv1D), `embedding`, `head` (the output embeddings),
+    `other` (norms ...). What LoRA adapts and QLoRA quantizes is counted from it."""
 
     def partition_numel(self, ranks: int) -> int:
         """Elements one rank holds when every parameter is split into `ranks` padded parts (ZeRO-3)."""
@@ -53,12 +59,14 @@ class ModelShape:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["numels"] = {str(k): v for k, v in self.numels.items()}
+        d["modules"] = [list(m) for m in self.modules]
         return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "ModelShape":
         d = {k: v for k, v in d.items() if not k.startswith("_")}
         d["numels"] = {int(k): v for k, v in d["numels"].items()}
+        d["modules"] = tuple(tuple(m) for m in d.get("modules", ()))
         return cls(**d)
 
 
@@ -174,12 +182,52 @@ def count_on_meta(config: dict[str, Any], *, trust_remote_code: bool = False) ->
     gated = bool(names & {"gate_proj", "gate_up_proj", "w1", "w3"})
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    modules = module_table(model, blocks)
     return ModelShape(
         total=total, embeddings=embeddings, per_layer=per_layer, largest_module=largest,
         num_layers=layers_n, hidden=hidden, heads=heads, kv_heads=_kv_heads(cfg, heads), head_dim=head_dim,
         intermediate=_intermediate(cfg, hidden), vocab=cfg.vocab_size, gated_mlp=gated, tied=tied,
-        numels=numels,
+        numels=numels, modules=modules,
     )
+
+
+def _kind(module: Any, out: Any) -> tuple[str, int, int]:
+    """(kind, in features, out features) of a module that holds parameters."""
+    import torch
+
+    if module is out:
+        w = getattr(module, "weight", None)
+        return "head", (w.shape[1] if w is not None and w.dim() == 2 else 0), (w.shape[0] if w is not None else 0)
+    if isinstance(module, torch.nn.Linear):
+        return "linear", module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D":  # transformers' GPT-2 projections: weight is in x out
+        return "linear", module.weight.shape[0], module.weight.shape[1]
+    if isinstance(module, torch.nn.Embedding):
+        return "embedding", module.num_embeddings, module.embedding_dim
+    return "other", 0, 0
+
+
+def module_table(model: Any, blocks: Any) -> tuple[tuple[str, str, int, int, int, int], ...]:
+    """Every module with parameters of its own, the blocks' folded into one `*` entry each."""
+    out = model.get_output_embeddings()
+    block_ids = {id(m): i for i, b in enumerate(blocks or []) for m in b.modules()}
+    seen: set[int] = set()
+    table: dict[tuple[str, str, int, int], int] = {}
+    counts: dict[tuple[str, str, int, int], int] = {}
+    for name, m in model.named_modules():
+        own = [p for p in m.parameters(recurse=False) if id(p) not in seen]
+        seen |= {id(p) for p in own}
+        if not own and m is not out:
+            continue
+        if blocks is not None and id(m) in block_ids:
+            prefix = f".{block_ids[id(m)]}."
+            parts = name.split(prefix, 1) if prefix in f".{name}." else [name]
+            name = parts[0] + ".*." + parts[1] if len(parts) == 2 else name
+        kind, fin, fout = _kind(m, out)
+        key = (name, kind, fin, fout)
+        table[key] = sum(p.numel() for p in own)
+        counts[key] = counts.get(key, 0) + 1
+    return tuple((n, k, table[(n, k, i, o)], i, o, counts[(n, k, i, o)]) for (n, k, i, o) in table)
 
 
 def rebuild_shipped() -> dict[str, Any]:

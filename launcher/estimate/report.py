@@ -109,6 +109,10 @@ def format_estimate(est) -> str:  # noqa: ANN001  (launcher.estimate.estimator.E
       f"embeddings {s.embeddings:,}; largest module {s.largest_module:,})")
     gpu = f" {est.gpu.name}" if est.gpu else " workers"
     w(f"layout   {lay.describe().replace(' GPU(s)', gpu, 1)}; data-parallel {lay.data_parallel}")
+    m = est.method
+    if m is not None and not m.full:
+        w(f"method   {m.method}: {m.trainable:,} trainable parameters ({m.adapters:,} in rank-{m.rank} adapters), "
+          f"frozen base {m.base_16bit + m.quantized:,}" + (f" ({m.quantized:,} of them in 4 bits)" if m.quantized else ""))
     w("")
     width = max(len(r.name) for r in mem.rows) + 2
     w(f"memory per GPU{'':{width - 14}}      GiB")
@@ -117,8 +121,11 @@ def format_estimate(est) -> str:  # noqa: ANN001  (launcher.estimate.estimator.E
     per = mem.per_gpu
     cap = est.capacity
     w(f"  {'total':{width}}{gib(per['total']):>9}" + (f"  of {gib(cap)} GiB on {est.gpu.name}" if cap else ""))
-    w(f"  * DeepSpeed's model-states estimate: {gib(mem.deepspeed_gpu)} GiB per GPU, "
-      f"{gib(mem.deepspeed_cpu)} GiB CPU per node; the other rows are what it leaves out")
+    if mem.deepspeed_gpu or mem.deepspeed_cpu:
+        w(f"  * DeepSpeed's model-states estimate: {gib(mem.deepspeed_gpu)} GiB per GPU, "
+          f"{gib(mem.deepspeed_cpu)} GiB CPU per node; the other rows are what it leaves out")
+    else:  # LoRA/QLoRA: DeepSpeed's estimator functions know no frozen parameters
+        w("  (frozen base: DeepSpeed's estimator functions do not cover it; every row is the launcher's)")
     w(_verdict(est))
     if est.trace:
         out += _trace_lines(est)

@@ -76,8 +76,17 @@ class Suggestion:
                 "total_usd": self.total_usd, "gpu_seconds_per_token": self.gpu_seconds_per_token}
 
 
+METHOD_WORDS = {"full": "full fine-tuning", "lora": "LoRA (trains adapters, base frozen in 16-bit)",
+                "qlora": "QLoRA (trains adapters, base in 4 bits)"}
+METHOD_SUGGESTIONS = 3
+"""At most this many of the listed layouts change `train.method` (they train something else)."""
+
+
 def _diff(base: Layout, lay: Layout) -> tuple[str, str]:
     keys, words = [], []
+    if lay.method != base.method:
+        keys.append(f"train.method={lay.method}")
+        words.append(f"{METHOD_WORDS[lay.method]} instead of {METHOD_WORDS[base.method].split(' (')[0]}")
     if lay.ckpt != base.ckpt:
         keys.append(f"model.activation_checkpointing={lay.ckpt}")
         words.append(f"{lay.ckpt} activation checkpointing" if lay.grad_ckpt else "no activation checkpointing")
@@ -135,30 +144,35 @@ def _batches(base: Layout, dp: int) -> list[tuple[int, int]]:
     return out
 
 
-def candidates(base: Layout, *, max_nodes: int = 64) -> list[Layout]:
-    """Every layout the search considers (the recipe's own included)."""
+def candidates(base: Layout, *, max_nodes: int = 64, methods: tuple[str, ...] = ()) -> list[Layout]:
+    """Every layout the search considers (the recipe's own included); `methods`: other values of
+    `train.method` to try, on the recipe's own GPU count only (the question is then "can these
+    GPUs train it at all")."""
     zeros = (0, 1) if base.pipeline_stages > 1 else (0, 1, 2, 3)
     offloads = [("none", "none"), ("cpu", "none"), ("cpu", "cpu")]
     out = []
-    for (nodes, gpn), z, (oo, op), ckpt in itertools.product(
-            _gpu_counts(base, max_nodes), zeros, offloads, ("none", "selective", "full")):
+    counts = [(m, c) for m in (base.method,) for c in _gpu_counts(base, max_nodes)]
+    counts += [(m, (base.nodes, base.gpus_per_node)) for m in methods]
+    for (method, (nodes, gpn)), z, (oo, op), ckpt in itertools.product(
+            counts, zeros, offloads, ("none", "selective", "full")):
         if (oo != "none" and z == 0) or (op != "none" and z != 3):
             continue
         if (nodes * gpn) % base.pipeline_stages:
             continue
         lay = base.with_(nodes=nodes, gpus_per_node=gpn, zero_stage=z, offload_optimizer=oo, offload_param=op,
-                         ckpt=ckpt)
+                         ckpt=ckpt, method=method)
         for mb, acc in _batches(base, lay.data_parallel):
             out.append(lay.with_(micro_batch=mb, grad_accum=acc))
     return list(dict.fromkeys(out))
 
 
 def suggest(base: Layout, check: Callable[[Layout], Check], *, usd_per_gpu_hour: float | None = None,
-            max_nodes: int = 64, limit: int = MAX_SUGGESTIONS) -> list[Suggestion]:
-    """The cheapest layouts that fit (never one that does not), each re-estimated by `check`."""
+            max_nodes: int = 64, limit: int = MAX_SUGGESTIONS, methods: tuple[str, ...] = ()) -> list[Suggestion]:
+    """The cheapest layouts that fit (never one that does not), each re-estimated by `check`:
+    those of the recipe's method first, then at most METHOD_SUGGESTIONS with another `methods`."""
     base_tps = check(base).tokens_per_s
     found: list[Suggestion] = []
-    for lay in candidates(base, max_nodes=max_nodes):
+    for lay in candidates(base, max_nodes=max_nodes, methods=methods):
         if lay == base:
             continue
         try:
@@ -178,4 +192,13 @@ def suggest(base: Layout, check: Callable[[Layout], Check], *, usd_per_gpu_hour:
     # cheapest per token first (GPU-seconds per token when no price), then fewer changes, less memory
     found.sort(key=lambda s: (s.gpu_seconds_per_token or float("inf"), s.change.count("="),
                               s.per_gpu_total_bytes))
-    return found[:limit]
+    same = [s for s in found if s.layout is None or s.layout.method == base.method]
+    other = [s for s in found if s.layout is not None and s.layout.method != base.method]
+    other = _one_per_method(other)[:METHOD_SUGGESTIONS]
+    return same[:limit - len(other)] + other
+
+
+def _one_per_method(found: list[Suggestion]) -> list[Suggestion]:
+    """The cheapest layout of each other method first, then the next ones."""
+    firsts = list({s.layout.method: s for s in reversed(found)}.values())[::-1]
+    return firsts + [s for s in found if s not in firsts]
