@@ -20,6 +20,10 @@ def collate(
     """
     if not examples:
         raise ValueError("collate needs at least one example")
+    if "rejected_input_ids" in examples[0]:
+        return collate_pairs(examples, pad_id)
+    if "desirable" in examples[0]:
+        return collate_kto(examples, pad_id)
     packed = examples[0].get("position_ids") is not None
     if any((ex.get("position_ids") is not None) != packed for ex in examples):
         raise ValueError("cannot mix packed and unpacked examples in one batch")
@@ -42,4 +46,38 @@ def collate(
         "labels": torch.tensor(labels, dtype=torch.long),
     }
     batch["position_ids" if packed else "attention_mask"] = torch.tensor(extra, dtype=torch.long)
+    return batch
+
+
+def _rejected(ex: dict) -> dict:
+    return {"input_ids": ex["rejected_input_ids"], "labels": ex["rejected_labels"]}
+
+
+def collate_pairs(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Preference pairs: 2B rows, the B chosen sequences then the B rejected ones, padded to one
+    length, so that one forward scores both (TRL's concatenated batch)."""
+    plain = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
+    return collate(plain + [_rejected(e) for e in examples], pad_id)
+
+
+def _completion_start(labels: list[int]) -> int:
+    return next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+
+
+def collate_kto(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """KTO: the B sequences, their `desirable` flags, and the `kl_` sequences that estimate the
+    KL term as TRL does: prompt i with the completion of example i-1 of the batch (mismatched
+    pairs; with one example per micro-batch its own completion)."""
+    plain = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
+    batch = collate(plain, pad_id)
+    batch["desirable"] = torch.tensor([bool(e["desirable"]) for e in examples])
+    cuts = [_completion_start(e["labels"]) for e in examples]
+    mismatched = []
+    for i, e in enumerate(examples):
+        j = (i - 1) % len(examples)
+        prompt, completion = e["input_ids"][: cuts[i]], examples[j]["input_ids"][cuts[j] :]
+        mismatched.append({"input_ids": prompt + completion,
+                           "labels": [IGNORE_INDEX] * len(prompt) + completion})
+    kl = collate(mismatched, pad_id)
+    batch.update({f"kl_{k}": v for k, v in kl.items()})
     return batch

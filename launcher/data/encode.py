@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from launcher.data import formats
+from launcher.data import formats, preference
 from launcher.data.formats import Counts
 from launcher.data.sources import Row
 from launcher.recipe.sections import DataConfig
@@ -59,10 +59,13 @@ def batch_rows(batch: dict[str, list], names: list[str], columns: dict, roles: d
 
 
 def encode_batch(
-    batch: dict[str, list], *, tokenizer: Any, data: DataConfig, names: list[str], columns: dict, roles: dict
+    batch: dict[str, list], *, tokenizer: Any, data: DataConfig, names: list[str], columns: dict, roles: dict,
+    task: str = "sft",
 ) -> dict[str, list]:
     """The map function: a batch of rows -> its examples plus one stats row."""
     counts = Counts()
+    if preference.kind(task):
+        return _encode_preference(batch_rows(batch, names, columns, roles), tokenizer, data, task, counts)
     items = formats.normalize(batch_rows(batch, names, columns, roles), data, counts)
     if data.format == "text":
         docs = formats.encode_documents(items, tokenizer)
@@ -76,6 +79,24 @@ def encode_batch(
     out["labels"] = [np.asarray(x, dtype=np.int32) for x in out["labels"]] + [np.zeros(0, np.int32)]
     out["_stats"] = [""] * n + [json.dumps(asdict(counts))]
     return out
+
+
+def _encode_preference(rows: list[Row], tokenizer: Any, data: DataConfig, task: str, counts: Counts) -> dict:
+    """Preference examples as one token row each: a pair's chosen then rejected sequence back to
+    back, `_second` the length of the chosen part (where writer.py marks the second sequence);
+    a KTO example's `_desirable` 1 or 0."""
+    examples = preference.encode(preference.normalize(rows, data, task, counts), tokenizer, data, counts)
+    ids = [e["input_ids"] + e.get("rejected_input_ids", []) for e in examples]
+    labels = [e["labels"] + e.get("rejected_labels", []) for e in examples]
+    second = [len(e["input_ids"]) if "rejected_input_ids" in e else 0 for e in examples]
+    desirable = [int(e.get("desirable", False)) for e in examples]
+    n = len(examples)
+    return {
+        "input_ids": [np.asarray(x, dtype=np.int32) for x in ids] + [np.zeros(0, np.int32)],
+        "labels": [np.asarray(x, dtype=np.int32) for x in labels] + [np.zeros(0, np.int32)],
+        "_second": second + [0], "_desirable": desirable + [0],
+        "_stats": [""] * n + [json.dumps(asdict(counts))],
+    }
 
 
 def counts_from(stats: list[str]) -> Counts:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from launcher.data import formats, packing
+from launcher.data import formats, packing, preference
 from launcher.data.chat import render, strip_bos
 from launcher.data.formats import IGNORE_INDEX, Counts, Item
 from launcher.data.holdout import by_sequences, held_out
@@ -64,8 +64,10 @@ def _split_sequences(examples: list[dict], fraction: float, seed: int) -> tuple[
             [e for i, e in enumerate(examples) if i in picked])
 
 
-def _examples(items: list[Item], recipe: Recipe, tokenizer, counts: Counts) -> list[dict]:
+def _examples(items: list, recipe: Recipe, tokenizer, counts: Counts) -> list[dict]:
     data = recipe.data
+    if preference.kind(recipe.train.task):
+        return preference.encode(items, tokenizer, data, counts)
     if data.format == "text":
         docs = formats.encode_documents(items, tokenizer)
         if data.packing:
@@ -89,8 +91,13 @@ def build_datasets(recipe: Recipe, tokenizer) -> DataSplits:
     counts.skipped_malformed += unparsable
     counts.rows += unparsable
 
-    train_items = formats.normalize(rows, data, counts)
-    eval_items = formats.normalize(eval_rows, data, counts)
+    pref = preference.kind(recipe.train.task) is not None
+    if pref:
+        train_items = preference.normalize(rows, data, recipe.train.task, counts)
+        eval_items = preference.normalize(eval_rows, data, recipe.train.task, counts)
+    else:
+        train_items = formats.normalize(rows, data, counts)
+        eval_items = formats.normalize(eval_rows, data, counts)
     train = _examples(train_items, recipe, tokenizer, counts)
     evaluation = _examples(eval_items, recipe, tokenizer, counts)
     if data.eval_fraction and by_sequences(data, len(rows)):
@@ -107,7 +114,7 @@ def build_datasets(recipe: Recipe, tokenizer) -> DataSplits:
         for item in eval_items:
             if len(prompts) == MAX_EVAL_PROMPTS:
                 break
-            prompt = formats.generation_prompt(item, tokenizer, data)
+            prompt = preference.generation_prompt(item, tokenizer) if pref else formats.generation_prompt(item, tokenizer, data)
             if prompt is not None:
                 prompts.append(prompt)
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from launcher.data import cache, encode, formats
+from launcher.data import cache, encode, formats, preference
 from launcher.data.formats import Counts
 from launcher.data.holdout import by_sequences, held_out
 from launcher.data.mixture import MixedSplit, mixture_counts
@@ -50,6 +50,8 @@ class SourcePlan:
     weight: float | None = None
     epochs: float | None = None
     eval_only: bool = False
+    task: str = "sft"
+    """`train.task`: preference tasks (dpo, orpo, kto) read pairs or labelled responses."""
 
 
 @dataclass
@@ -117,12 +119,13 @@ def fingerprint_inputs(plan: SourcePlan, seed: int, tokenizer: Any) -> dict[str,
         "max_seq_len": d.max_seq_len, "packing": d.packing, "mask_prompt": d.mask_prompt,
         "prompt_template": d.prompt_template, "skip_malformed": d.skip_malformed,
         "eval_fraction": d.eval_fraction, "seed": seed if d.eval_fraction else None,
-    }  # fmt: skip
+    } | ({"task": plan.task} if preference.kind(plan.task) else {})  # fmt: skip
 
 
 def prepare_source(plan: SourcePlan, recipe: Recipe, tokenizer: Any, progress: Progress | None = None) -> Prepared:
     """The prepared data set of `plan`: from the cache, or prepared now and committed."""
     root = cache.cache_root(recipe.data.cache_dir)
+    plan = dataclasses.replace(plan, task=recipe.train.task)
     inputs = fingerprint_inputs(plan, recipe.train.seed, tokenizer)
     fp = cache.fingerprint(inputs)
     found = cache.lookup(root, fp)
@@ -176,7 +179,7 @@ def _build(plan: SourcePlan, recipe: Recipe, tokenizer: Any, stage: Path, progre
     for name, part in (("train", ds), ("eval", eval_ds)):
         if part is None:
             continue
-        writer = SplitWriter(stage / name, vocab, packed=d.packing)
+        writer = SplitWriter(stage / name, vocab, packed=d.packing, kind=preference.kind(plan.task))
         part_stats = _tokenize_into(part, writer, plan, tokenizer, names, hf_cache, progress)
         split_info[name] = writer.close()
         counts.add(encode.counts_from(part_stats))
@@ -212,7 +215,7 @@ def _tokenize_into(part: Any, writer: SplitWriter, plan: SourcePlan, tokenizer: 
 
     global _COUNTER
     d = plan.data
-    kwargs = dict(tokenizer=tokenizer, data=d, names=names, columns=plan.columns, roles=plan.roles)
+    kwargs = dict(tokenizer=tokenizer, data=d, names=names, columns=plan.columns, roles=plan.roles, task=plan.task)
     drop = part.column_names
     if isinstance(part, datasets.IterableDataset):
         if drop is None:  # a streamed dataset's columns are known once a row is read
@@ -284,12 +287,14 @@ def _eval_prompts(eval_ds: Any, plan: SourcePlan, tokenizer: Any, names: list[st
     head = eval_ds.select(range(min(len(eval_ds), 4 * MAX_EVAL_PROMPTS)))[:]
     counts = Counts()
     data = dataclasses.replace(plan.data, skip_malformed=True)
-    items = formats.normalize(encode.batch_rows(head, names, plan.columns, plan.roles), data, counts)
+    rows = encode.batch_rows(head, names, plan.columns, plan.roles)
+    pref = preference.kind(plan.task) is not None
+    items = preference.normalize(rows, data, plan.task, counts) if pref else formats.normalize(rows, data, counts)
     prompts = []
     for item in items:
         if len(prompts) == MAX_EVAL_PROMPTS:
             break
-        p = formats.generation_prompt(item, tokenizer, plan.data)
+        p = preference.generation_prompt(item, tokenizer) if pref else formats.generation_prompt(item, tokenizer, plan.data)
         if p is not None:
             prompts.append(p)
     return prompts

@@ -6,9 +6,12 @@ A split directory holds
   `uint32`;
 - `flags.bin`: one `uint8` per token: bit 0 set when the token is its own label (clear: label
   -100, a masked prompt or a sequence start), bit 1 set where position ids restart at 0 (a
-  document start inside a packed sequence);
+  document start inside a packed sequence); bit 2 on the first token of a preference pair's
+  second (rejected) sequence; bit 3 on the first token of a desirable KTO example;
 - `offsets.bin`: `int64`, example i is tokens[offsets[i]:offsets[i+1]];
-- `split.json`: dtype, counts, and whether examples are packed (carry `position_ids`).
+- `split.json`: dtype, counts, whether examples are packed (carry `position_ids`), and `kind`
+  for preference data: `pairs` (an example is its chosen and rejected sequences back to back)
+  or `kto` (one sequence and its desirable flag).
 
 `PreparedSplit` reads one like the list of example dicts the trainer has always indexed
 (`len(split)`, `split[i]` -> `{"input_ids", "labels", "position_ids"}`), opening the files by
@@ -26,7 +29,7 @@ from typing import Any
 import numpy as np
 
 IGNORE_INDEX = -100
-LABEL, RESTART = 1, 2
+LABEL, RESTART, SECOND, DESIRABLE = 1, 2, 4, 8
 """Bits of flags.bin."""
 
 TOKENS, FLAGS, OFFSETS, SPLIT_INFO = "tokens.bin", "flags.bin", "offsets.bin", "split.json"
@@ -39,11 +42,12 @@ def token_dtype(vocab_size: int) -> np.dtype:
 class SplitWriter:
     """Appends examples (token ids with their flags) to a new split directory."""
 
-    def __init__(self, path: Path, vocab_size: int, *, packed: bool) -> None:
+    def __init__(self, path: Path, vocab_size: int, *, packed: bool, kind: str | None = None) -> None:
         path.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.dtype = token_dtype(vocab_size)
         self.packed = packed
+        self.kind = kind
         self._tokens = open(path / TOKENS, "wb")
         self._flags = open(path / FLAGS, "wb")
         self._offsets: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]
@@ -85,6 +89,8 @@ class SplitWriter:
             os.fsync(f.fileno())
         info = {"dtype": self.dtype.name, "examples": len(offsets) - 1, "tokens": self.num_tokens,
                 "label_tokens": self.label_tokens, "packed": self.packed}
+        if self.kind:
+            info["kind"] = self.kind
         write_json(self.path / SPLIT_INFO, info)
         return info
 
@@ -99,12 +105,18 @@ def write_json(path: Path, value: Any) -> None:
 def write_examples(path: Path, examples: list[dict], vocab_size: int) -> dict[str, Any]:
     """A split from in-memory example dicts (what `pipeline.build_datasets` makes)."""
     packed = bool(examples) and examples[0].get("position_ids") is not None
-    w = SplitWriter(path, vocab_size, packed=packed)
+    kind = None if not examples else "pairs" if "rejected_input_ids" in examples[0] else "kto" if "desirable" in examples[0] else None
+    w = SplitWriter(path, vocab_size, packed=packed, kind=kind)
     for ex in examples:
-        ids = np.asarray(ex["input_ids"], dtype=np.int64)
-        flags = (np.asarray(ex["labels"]) != IGNORE_INDEX).astype(np.uint8) * LABEL
+        second = len(ex["input_ids"])
+        ids = np.asarray(ex["input_ids"] + ex.get("rejected_input_ids", []), dtype=np.int64)
+        flags = (np.asarray(ex["labels"] + ex.get("rejected_labels", [])) != IGNORE_INDEX).astype(np.uint8) * LABEL
         if packed:
             flags |= (np.asarray(ex["position_ids"]) == 0).astype(np.uint8) * RESTART
+        if kind == "pairs":
+            flags[second] |= SECOND
+        if ex.get("desirable"):
+            flags[0] |= DESIRABLE
         w.write(ids, flags, np.array([len(ids)]))
     return w.close()
 
@@ -171,7 +183,15 @@ class PreparedSplit:
             steps = np.arange(b - a)
             last_restart = np.maximum.accumulate(np.where(f & RESTART, steps, 0))
             positions = (steps - last_restart).tolist()
-        return {"input_ids": ids.tolist(), "labels": labels.tolist(), "position_ids": positions}
+        kind = self.info.get("kind")
+        if kind == "pairs":
+            cut = int(np.flatnonzero(f & SECOND)[0])
+            return {"input_ids": ids[:cut].tolist(), "labels": labels[:cut].tolist(), "position_ids": None,
+                    "rejected_input_ids": ids[cut:].tolist(), "rejected_labels": labels[cut:].tolist()}
+        example = {"input_ids": ids.tolist(), "labels": labels.tolist(), "position_ids": positions}
+        if kind == "kto":
+            example["desirable"] = bool(f[0] & DESIRABLE)
+        return example
 
     def label_tokens(self) -> int:
         """Tokens with a label in the examples of this view. Reads the flags of the smaller of

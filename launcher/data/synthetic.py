@@ -50,6 +50,12 @@ TASKS: dict[str, Callable[[random.Random], tuple[str, str, str]]] = {
     "sort": _sort,
 }
 
+PAIR_TASKS = ("reverse_pairs",)
+"""Tasks that generate preference pairs (`instruction`, `input`, `chosen`, `rejected`: DPO, ORPO)."""
+
+KTO_TASKS = ("reverse_kto",)
+"""Tasks that generate KTO rows (`instruction`, `input`, `output`, `label`)."""
+
 TEXT_TASKS = ("stories",)
 """Tasks that generate `{"text": ...}` rows (pretraining) instead of alpaca rows."""
 
@@ -91,11 +97,48 @@ def generate_text(cfg: SyntheticDataConfig) -> list[dict]:
     return [{"text": _story(rng)} for _ in range(cfg.num_examples)]
 
 
+def _corrupt(rng: random.Random, word: str, good: str) -> str:
+    """A wrong answer close to the right one: the word not reversed, two letters swapped, or a
+    letter changed (never equal to `good`)."""
+    for _ in range(_MAX_TRIES):
+        kind = rng.randrange(3)
+        if kind == 0:
+            bad = word
+        else:
+            chars, i = list(good), rng.randrange(len(good) - 1)
+            if kind == 1:
+                chars[i], chars[i + 1] = chars[i + 1], chars[i]
+            else:
+                chars[i] = rng.choice([c for c in LETTERS if c != chars[i]])
+            bad = "".join(chars)
+        if bad != good:
+            return bad
+    return good + rng.choice(LETTERS)
+
+
+def generate_preference(cfg: SyntheticDataConfig) -> list[dict]:
+    """Preference rows for reversing a word: pairs (the right reversal chosen, a near miss
+    rejected) or, for KTO, one answer each, alternately right (`label` true) and wrong."""
+    rng = random.Random(f"{cfg.task}:{cfg.seed}")
+    rows = []
+    for n in range(cfg.num_examples):
+        instruction, word, good = _reverse(rng)
+        bad = _corrupt(rng, word, good)
+        row = {"instruction": instruction, "input": word}
+        if cfg.task in PAIR_TASKS:
+            rows.append(row | {"chosen": good, "rejected": bad})
+        else:
+            rows.append(row | {"output": good if n % 2 == 0 else bad, "label": n % 2 == 0})
+    return rows
+
+
 def generate(cfg: SyntheticDataConfig) -> list[dict]:
     """`cfg.num_examples` alpaca rows (`instruction`, `input`, `output`), or text rows for a
     `TEXT_TASKS` task; same seed, same rows."""
     if cfg.task in TEXT_TASKS:
         return generate_text(cfg)
+    if cfg.task in PAIR_TASKS + KTO_TASKS:
+        return generate_preference(cfg)
     make = TASKS[cfg.task]
     rng = random.Random(f"{cfg.task}:{cfg.seed}")  # str seeds hash deterministically across runs
     rows: list[dict] = []

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from launcher.data.store import IGNORE_INDEX, LABEL, RESTART, SplitWriter
+from launcher.data.store import DESIRABLE, IGNORE_INDEX, LABEL, RESTART, SECOND, SplitWriter
 
 
 def _flat(column: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -122,10 +122,13 @@ def write_split(
         labels, _ = _flat(table["labels"])
         batch_stats = [s for s in table["_stats"].to_pylist() if s]
         stats += batch_stats
-        lengths = lengths[lengths > 0]  # the stats rows
+        real = lengths > 0
+        lengths = lengths[real]  # the stats rows
         if len(ids):
-            if packer is None:  # SFT, unpacked
+            if packer is None:  # SFT (and preference data), unpacked
                 flags = np.where(labels != IGNORE_INDEX, LABEL, 0).astype(np.uint8)
+                if "_second" in table.column_names:
+                    _mark_preference(flags, table, real, lengths)
                 writer.write(ids, flags, lengths)
             else:
                 packer.add(ids, labels, lengths)
@@ -134,6 +137,15 @@ def write_split(
     if packer is not None:
         packer.finish()
     return stats
+
+
+def _mark_preference(flags: np.ndarray, table: Any, real: np.ndarray, lengths: np.ndarray) -> None:
+    """Set SECOND where a pair's rejected sequence starts, DESIRABLE on a desirable KTO example."""
+    starts = np.cumsum(lengths) - lengths
+    second = np.asarray(table["_second"].to_numpy(zero_copy_only=False), dtype=np.int64)[real]
+    desirable = np.asarray(table["_desirable"].to_numpy(zero_copy_only=False), dtype=np.int64)[real]
+    flags[(starts + second)[second > 0]] |= SECOND
+    flags[starts[desirable > 0]] |= DESIRABLE
 
 
 def _rows(stats: str) -> int:

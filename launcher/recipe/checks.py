@@ -68,16 +68,78 @@ def _check_data(r: Recipe) -> None:
                 f"a {made} source cannot join a mixture whose data.format is {fmt}: pretraining "
                 "mixes text sources only, SFT mixes alpaca, sharegpt and chat sources",
             )
+    if task in ("dpo", "orpo", "kto"):
+        _check_preference(r)
     if task == "pretrain" and fmt != "text":
         raise RecipeError(
             "data.format",
             f"train.task=pretrain reads raw text: set data.format=text (got {fmt}), or train.task=sft",
         )
+    if task in ("sft", "pretrain"):
+        from launcher.data.synthetic import KTO_TASKS, PAIR_TASKS
+
+        synthetic = r.data.synthetic
+        if synthetic is not None and synthetic.task in PAIR_TASKS + KTO_TASKS:
+            raise RecipeError(
+                "data.synthetic.task",
+                f"synthetic.task={synthetic.task} generates preference rows: set train.task="
+                f"{'dpo' if synthetic.task in PAIR_TASKS else 'kto'}, or data.synthetic.task=reverse",
+            )
     if task == "sft" and fmt == "text":
         raise RecipeError(
             "train.task",
             "data.format=text has no prompt/response pairs: set train.task=pretrain, or use an "
             "instruction format (alpaca, sharegpt, chat)",
+        )
+
+
+def _check_preference(r: Recipe) -> None:
+    """DPO, ORPO and KTO read pairs (or labelled responses) one sequence at a time, from the
+    data-parallel step: what the data or the layout cannot give is refused here."""
+    from launcher.data.synthetic import KTO_TASKS, PAIR_TASKS
+
+    task, data = r.train.task, r.data
+    wanted = "chosen/rejected pairs" if task != "kto" else "responses with a desirable/undesirable label"
+    if data.format == "text":
+        raise RecipeError(
+            "data.format",
+            f"train.task={task} needs {wanted}, which data.format=text has not: use data.format=alpaca, "
+            "sharegpt or chat with preference rows (docs/preference.md), or train.task=pretrain",
+        )
+    made = PAIR_TASKS if task != "kto" else KTO_TASKS
+    for key, synthetic in [("data", data.synthetic)] + [(f"data.sources[{i}]", s.synthetic) for i, s in enumerate(data.sources)]:
+        if synthetic is not None and synthetic.task not in made:
+            raise RecipeError(
+                f"{key}.synthetic.task",
+                f"train.task={task} needs {wanted}; synthetic.task={synthetic.task} generates SFT rows "
+                f"without them: set {key}.synthetic.task={made[0]}, or train.task=sft",
+            )
+    if data.packing:
+        raise RecipeError(
+            "data.packing",
+            f"train.task={task} scores each sequence on its own (a pair's log-probabilities): set data.packing=false",
+        )
+    if r.parallelism.pipeline_stages > 1:
+        raise RecipeError(
+            "parallelism.pipeline_stages",
+            f"train.task={task} needs whole-sequence log-probabilities of the policy and the reference "
+            "in one step, which the pipeline engine's stage-by-stage loss cannot give: set "
+            "parallelism.pipeline_stages=1 (ZeRO-3 partitions the model instead)",
+        )
+    ref = r.preference.reference
+    if task == "orpo":
+        return
+    if ref == "precomputed":
+        raise RecipeError(
+            "preference.reference",
+            "precomputed reference log-probs are not implemented yet: set preference.reference=copy "
+            "(a frozen copy, partitioned under ZeRO-3) or auto",
+        )
+    if ref == "base" and r.train.method == "full":
+        raise RecipeError(
+            "preference.reference",
+            "reference=base disables LoRA adapters, and train.method=full has none: set "
+            "preference.reference=copy (or auto), or train.method=lora",
         )
 
 

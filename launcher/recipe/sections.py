@@ -129,10 +129,11 @@ class TokenizerConfig:
 class SyntheticDataConfig:
     """Data the project generates itself (offline demos and tests)."""
 
-    task: Literal["reverse", "add", "sort", "stories"] = "reverse"
+    task: Literal["reverse", "add", "sort", "stories", "reverse_pairs", "reverse_kto"] = "reverse"
     """`reverse`: reverse a short word; `add`: add two small numbers; `sort`: sort letters (alpaca
     rows, `data.format=alpaca`). `stories`: short stories as text rows, for pretraining
-    (`data.format=text`)."""
+    (`data.format=text`). `reverse_pairs`: preference pairs for DPO and ORPO (the right reversal
+    `chosen`, a near miss `rejected`); `reverse_kto`: KTO rows (one answer and its `label`)."""
 
     num_examples: int = 4000
     """How many rows to generate."""

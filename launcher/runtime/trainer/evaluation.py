@@ -30,12 +30,14 @@ def evaluate(engine: Any, objective: Objective, examples: Any, ctx: WorkerContex
         for i in range(0, per_rank, micro):
             chunk = mine[i : i + micro]
             batch = to_device(collate(chunk or [examples[0]], pad_id=pad_id), ctx.device)
+            objective.begin_step(engine, [batch], ctx.device, reduce=False)  # this batch's own counts
             # num_items 1: the loss is the sum over tokens, not their mean
             loss = objective.loss(engine, batch, 1.0)
             if chunk:
                 loss_sum += loss.item()
                 n += objective.items(batch)
     engine.train()
+    objective.take_metrics()  # evaluation's forwards are not the next step's metrics
     total_loss, total_n = all_sum([loss_sum, n], ctx.device)
     return total_loss / max(total_n, 1)
 

@@ -26,6 +26,16 @@ class Objective(Protocol):
     def loss(self, model: Any, batch: dict[str, torch.Tensor], num_items: float) -> torch.Tensor:
         """sum(per-item losses of `batch`) / `num_items`, differentiable."""
 
+    def begin_step(self, model: Any, batches: list[dict[str, torch.Tensor]], device: Any,
+                   reduce: bool = True) -> None:
+        """Sees every micro-batch of the step before the first loss (all ranks together; `reduce`
+        false in evaluation: this rank's batch alone): what a loss needs of the global batch
+        beside `num_items` (ORPO's NLL tokens, KTO's KL estimate)."""
+
+    def take_metrics(self) -> dict[str, tuple[float, float]]:
+        """Per-item (sum, count) of each metric since the last call, the same names on every rank
+        (the step all-reduces them and logs the means)."""
+
 
 class CausalLM:
     """SFT and pretraining: next-token cross-entropy summed over label tokens and divided by the
@@ -39,7 +49,25 @@ class CausalLM:
     def loss(self, model: Any, batch: dict[str, torch.Tensor], num_items: float) -> torch.Tensor:
         return model(**batch, num_items_in_batch=num_items).loss
 
+    def begin_step(self, model: Any, batches: list[dict[str, torch.Tensor]], device: Any,
+                   reduce: bool = True) -> None:
+        pass
 
-def objective_for(recipe: Recipe) -> Objective:
-    """The objective of `recipe.train.task` (sft and pretrain differ only in their data)."""
+    def take_metrics(self) -> dict[str, tuple[float, float]]:
+        return {}
+
+
+def objective_for(recipe: Recipe, world_size: int = 1) -> Objective:
+    """The objective of `recipe.train.task` (sft and pretrain differ only in their data; dpo,
+    orpo and kto are launcher.runtime.preference's). `world_size`: the workers, which a ZeRO-3
+    reference copy is partitioned over."""
+    task = recipe.train.task
+    if task in ("dpo", "orpo", "kto"):
+        from launcher.runtime.preference.objectives import DPO, KTO, ORPO
+        from launcher.runtime.preference.reference import reference_for
+
+        if task == "orpo":
+            return ORPO(recipe.preference)
+        reference = reference_for(recipe, world_size)
+        return DPO(recipe.preference, reference) if task == "dpo" else KTO(recipe.preference, reference)
     return CausalLM()

@@ -9,7 +9,7 @@ of the step's loss, so that the trainer sums it over ranks the same way for both
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,6 +28,8 @@ class StepOutcome:
     """Global gradient norm before clipping, unscaled (None: not finite, or not known)."""
     applied: bool
     """False when the optimizer skipped the step (fp16 overflow): no weight and no LR change."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """The objective's metrics over the global batch (preference rewards), for the step's record."""
 
 
 def _finite(norm: float | None) -> float | None:
@@ -50,6 +52,17 @@ def plain_grad_norm(engine: Any) -> float:
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
+def global_metrics(objective: Objective, ctx: WorkerContext) -> dict[str, float]:
+    """The objective's per-item metrics of this step, averaged over every rank's items."""
+    sums = objective.take_metrics()
+    if not sums:
+        return {}
+    from launcher.runtime.preference.objectives import metric_means
+
+    flat = all_sum([v for pair in sums.values() for v in pair], ctx.device)
+    return metric_means({name: (flat[2 * i], flat[2 * i + 1]) for i, name in enumerate(sums)})
+
+
 class DataParallelStep:
     """ZeRO 0-3: forward and backward per micro-batch; DeepSpeed reduces the gradients and steps
     the optimizer (and the LR schedule, unless it skips the step) at the accumulation boundary."""
@@ -67,6 +80,7 @@ class DataParallelStep:
 
     def train(self, batches: list[dict[str, torch.Tensor]], num_items: float) -> StepOutcome:
         engine, loss_sum, norm = self.engine, 0.0, None
+        self.objective.begin_step(engine, batches, self.ctx.device)
         for i, batch in enumerate(batches):
             loss = self.objective.loss(engine, to_device(batch, self.ctx.device), num_items)
             engine.backward(loss)
@@ -78,7 +92,8 @@ class DataParallelStep:
             norm = deepspeed_grad_norm(engine)
         # DeepSpeed divides each micro-batch's gradient by grad_accum and averages over the
         # data-parallel ranks; the loss is scaled back the same way
-        return StepOutcome(loss_sum / self.scale, _finite(norm), engine.was_step_applied())
+        return StepOutcome(loss_sum / self.scale, _finite(norm), engine.was_step_applied(),
+                           global_metrics(self.objective, self.ctx))
 
     def evaluate(self, examples: Any, recipe: Recipe, pad_id: int) -> float:
         from launcher.runtime.trainer.evaluation import evaluate

@@ -53,7 +53,7 @@ class Trainer:
         self.stages = recipe.parallelism.pipeline_stages
         self.data_parallel = ctx.world_size // self.stages
         self.steps = total_steps(recipe, len(self.data.train), self.data_parallel)
-        self.objective = objective_for(recipe)
+        self.objective = objective_for(recipe, ctx.world_size)
         self.built = build(recipe, ctx, tokenizer, self.objective, steps=self.steps)
         self.engine, self.scheduler, self.strategy = self.built.engine, self.built.scheduler, self.built.strategy
         # Pipeline ranks are numbered stage-major (PipeDataParallelTopology): stage s, replica d is
@@ -143,7 +143,7 @@ class Trainer:
         record = {"step": step, "loss": g_loss, "lr": lr, "grad_norm": outcome.grad_norm,
                   "tokens": p.tokens_seen, "step_tokens": int(g_tokens), "label_tokens": int(g_items),
                   "tokens_per_s": g_tokens / max(now - step_start, 1e-9), "step_time_s": now - step_start,
-                  "elapsed_s": p.elapsed(now), "time": now}
+                  "elapsed_s": p.elapsed(now), "time": now, **outcome.metrics}
         if not outcome.applied or p.skipped_steps:
             # overflow: the optimizer skipped this update; the schedule did not advance
             record.update(skipped=not outcome.applied, skipped_steps=p.skipped_steps)
