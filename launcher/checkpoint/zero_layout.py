@@ -62,6 +62,11 @@ def _cached_layout(step_dir: Path, files: tuple) -> Layout:
         shapes = parsed.shapes
         for name in frozen_shapes:
             shapes[name] = tuple(int(x) for x in frozen_shapes[name])
+        if not is_z3:
+            # ZeRO-1 saves frozen parameters (a LoRA model's base) only in `module`, in full
+            for name, t in module.items():
+                if name not in shapes and name not in buffer_names and name not in shared and torch.is_tensor(t):
+                    shapes[name] = tuple(t.shape)
         check_coverage(step_dir, parsed.frags, shapes)
         # model order: the module state dict's key order
         order = [k for k in module if k in shapes]

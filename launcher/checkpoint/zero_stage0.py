@@ -24,6 +24,10 @@ def parse(model_sd: dict, module: dict, buffer_names: list[str], shared: dict[st
     optimizer_step = None
     if isinstance(opt, dict) and "param_groups" in opt:
         trainable = [n for n in shapes if n not in frozen_shapes]
+        if sum(len(g["params"]) for g in opt["param_groups"]) != len(trainable):
+            # stage 0 records no frozen names; a PEFT model trains only its adapters and the
+            # copies of `modules_to_save` (PEFT's own rule), the rest of it is the frozen base
+            trainable = [n for n in trainable if peft_trainable(n)] or trainable
         order = optimizer_order(trainable, shapes, opt)
         for gi, g in enumerate(opt["param_groups"]):
             for idx in g["params"]:
@@ -32,6 +36,10 @@ def parse(model_sd: dict, module: dict, buffer_names: list[str], shared: dict[st
         optimizer_step = step_of(opt.get("state", {}))
     world = int(model_sd.get("dp_world_size") or 1)
     return Parsed(shapes, groups, {}, optimizer_step, world, stage0_index=index, shared=shared)
+
+
+def peft_trainable(name: str) -> bool:
+    return ".lora_" in name or ".modules_to_save." in name
 
 
 def aliases_by_storage(module: dict) -> dict[str, str]:

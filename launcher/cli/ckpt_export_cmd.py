@@ -68,6 +68,9 @@ def ckpt_export(
         "--trust-remote-code",
         help="Run the Python code a hub model ships (its config/tokenizer classes). Off unless given: "
              "the run's recipe.yaml is never taken as consent.")] = False,
+    merge: Annotated[bool, typer.Option(
+        "--merge", help="LoRA runs: write the base with the adapters merged in (Hugging Face shards) "
+                        "instead of the adapter.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Consolidate a committed ZeRO checkpoint into safetensors shards + index, config and tokenizer.
@@ -75,7 +78,13 @@ def ckpt_export(
     Streams one tensor at a time (memory stays near the largest tensor, not the model) and never
     unpickles code. The result loads with AutoModelForCausalLM.from_pretrained(OUT).
 
+    A LoRA run (train.method: lora | qlora) exports its adapter in PEFT's format
+    (adapter_model.safetensors + adapter_config.json, for peft.PeftModel.from_pretrained; a base
+    built from model.config is written to OUT/base); --merge writes the merged model instead.
+
     Example: launcher ckpt export runs/tiny-sft-demo --out exports/tiny --dtype bf16
+
+    Example (LoRA, merged): launcher ckpt export runs/tiny-lora --out exports/tiny-lora-merged --merge
 
     Example (a model with its own code): launcher ckpt export runs/x --out exports/x --trust-remote-code
     """
@@ -89,7 +98,7 @@ def ckpt_export(
 
     if as_json or not sys.stdout.isatty():
         summary = export_checkpoint(step_dir, out, recipe=recipe, dtype=dtype, max_shard_size=max_shard_size,
-                                    trust_remote_code=trust_remote_code)
+                                    trust_remote_code=trust_remote_code, merge=merge)
     else:
         from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -102,7 +111,7 @@ def ckpt_export(
 
             summary = export_checkpoint(step_dir, out, recipe=recipe, dtype=dtype,
                                         max_shard_size=max_shard_size, progress=progress,
-                                        trust_remote_code=trust_remote_code)
+                                        trust_remote_code=trust_remote_code, merge=merge)
     from launcher.checkpoint.layout import latest_committed, step_of
 
     latest = latest_committed(run_dir)
@@ -114,6 +123,11 @@ def ckpt_export(
     if gap:
         # the steps after the exported one are in no checkpoint: the export is an older model
         console.print(Text(f"note: {gap}", style="yellow"))
+    if summary.get("lora") and not summary.get("merged"):
+        base = f"; its base model in {summary['base']}" if summary.get("base") else ""
+        console.print(f"exported the LoRA adapter of {step_dir.name} ({summary['params']:,} parameters, "
+                      f"{summary['dtype']}) to {out}{base} in {summary['seconds']:.1f}s", highlight=False)
+        return
     console.print(
         f"exported {step_dir.name} ({summary['params']:,} parameters, {summary['dtype']}) to {out}: "
         f"{len(summary['files']) - 1} safetensors file(s), {_human(summary['total_bytes'])} "
