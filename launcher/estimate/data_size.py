@@ -13,6 +13,7 @@ KNOWN_HUB_DATASETS: dict[str, int] = {
     "HuggingFaceH4/ultrachat_200k": 207865,  # train_sft split
     "anon8231489123/ShareGPT_Vicuna_unfiltered": 94145,  # ShareGPT_V3_unfiltered_cleaned_split
     "roneneldan/TinyStories": 2119719,
+    "HuggingFaceH4/ultrafeedback_binarized": 61135,  # train_prefs split (preference pairs)
 }
 """Rows of public hub datasets (train split), so that `epochs` can be turned into steps offline."""
 

@@ -248,8 +248,10 @@ def activation_rows(shape: ModelShape, lay: Layout, method: Method | None = None
         ("backward", [Row("16-bit gradients, all live at the end of backward (freed by the step)", "grads",
                           grads16), Row(working, "activations", t.working)]),
     ]
-    if method and method.no_grad_sequences:
-        phases.append(("forward", no_grad_rows(shape, lay, method)))
+    if method and method.reference_sequences:
+        kept = lay.micro_batch * seqs * lay.seq_len * shape.vocab * 4
+        phases.append(("forward", stored + [Row("policy log-probs kept for backward (fp32 logits)", "activations",
+                                                kept)] + reference_rows_forward(shape, lay, method)))
     phase, rows = max(phases, key=lambda pr: sum(r.bytes for r in pr[1]))
     if lay.attn == "eager":
         rows = rows + [Row("  of which eager attention scores (s x s per head, per layer)", "info",
@@ -257,18 +259,18 @@ def activation_rows(shape: ModelShape, lay: Layout, method: Method | None = None
     return [r for r in rows if r.bytes or r.category == "activations"], phase
 
 
-def no_grad_rows(shape: ModelShape, lay: Layout, method: Method) -> list[Row]:
-    """The forward passes without gradients (the reference policy, KTO's KL completions): before
-    the policy's forward, with nothing kept: one block at a time and the log-probs of their
-    sequences over the whole vocabulary (16-bit logits, fp32 copy and log-softmax)."""
-    tok = lay.micro_batch * lay.seq_len * method.no_grad_sequences
-    t = act.terms(shape, lay.with_(micro_batch=lay.micro_batch * method.no_grad_sequences, ckpt="none"))
+def reference_rows_forward(shape: ModelShape, lay: Layout, method: Method) -> list[Row]:
+    """The reference's forward without gradients, right after the policy's (launcher.runtime.
+    preference): one block at a time, then its logits over the whole vocabulary (16-bit, the fp32
+    copy and logsumexp's temporary)."""
+    n = method.reference_sequences
+    tok = lay.micro_batch * lay.seq_len * n
+    t = act.terms(shape, lay.with_(micro_batch=lay.micro_batch * n, ckpt="none"))
     a = lay.weight_bytes
-    what = "reference policy" if method.reference not in ("none", "precomputed") else "policy without gradients"
-    return [Row(f"forward of the {what}: one block at a time ({method.no_grad_sequences} sequences per example)",
+    return [Row(f"reference forward, one block at a time ({n} sequence{'s' if n > 1 else ''} per example)",
                 "activations", t.per_block),
-            Row(f"log-probs of those sequences over the {shape.vocab:,}-token vocabulary", "activations",
-                tok * shape.vocab * (a + 8))]
+            Row(f"reference log-probs over the {shape.vocab:,}-token vocabulary (16-bit + fp32 logits)",
+                "activations", tok * shape.vocab * (a + 8))]
 
 
 def reference_rows(method: Method, lay: Layout) -> list[Row]:

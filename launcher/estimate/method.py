@@ -81,6 +81,10 @@ class Method:
     no_grad_sequences: int = 0
     """Forward-only sequences per example through the policy or the reference (DPO: 2 through the
     reference; KTO: 1 KL completion through the policy and 2 through the reference)."""
+    reference_sequences: int = 0
+    """Of those: sequences per example the reference scores right after the policy's forward, while
+    the policy's activations and log-probs wait for backward (DPO 2, KTO 1; KTO's KL pass runs
+    before the step, with nothing kept)."""
     reference_bytes: int = 0
     """Bytes of a reference copy (`copy`: the starting model in the model dtype, or as QLoRA
     stores its base)."""
@@ -158,7 +162,7 @@ def method_for(recipe: Any, shape: ModelShape, method: str | None = None) -> Met
     """The method's counts for `recipe` on `shape` (`method`: another than the recipe's, for the
     layout search)."""
     method, task = method or recipe.train.method, recipe.train.task
-    seqs, no_grad, reference = 1, 0, "none"
+    seqs, no_grad, reference, ref_seqs = 1, 0, "none", 0
     lora = recipe.lora
     if task in ("dpo", "orpo"):
         seqs = 2
@@ -167,14 +171,16 @@ def method_for(recipe: Any, shape: ModelShape, method: str | None = None) -> Met
         if reference == "auto":
             reference = "base" if method != "full" else "copy"
         if reference != "precomputed":
-            no_grad = 2 + (1 if task == "kto" else 0)
+            ref_seqs = seqs if task == "dpo" else 1
+            no_grad = 2 + (1 if task == "kto" else 0)  # KTO: the example and its KL completion, + the KL policy pass
         elif task == "kto":
             no_grad = 1
     if method == "full":
         hist = dict(shape.numels)
         ref_bytes = (2 if recipe.model.dtype != "fp32" else 4) * shape.total if reference == "copy" else 0
         return Method("full", task, shape.total, 0, 0, 0, 0, 0, tuple(sorted(hist.items())), sequences=seqs,
-                      reference=reference, no_grad_sequences=no_grad, reference_bytes=ref_bytes)
+                      reference=reference, no_grad_sequences=no_grad, reference_sequences=ref_seqs,
+                      reference_bytes=ref_bytes)
     adapters, saved, hist, inputs = lora_counts(shape, lora.rank, list(lora.target_modules),
                                                 list(lora.modules_to_save))
     quantized = q_bytes = q_consts = 0
@@ -189,4 +195,5 @@ def method_for(recipe: Any, shape: ModelShape, method: str | None = None) -> Met
     ref_bytes = (w * base16 + q_bytes) if reference == "copy" else 0
     return Method(method, task, adapters + saved, adapters, base16, quantized, q_bytes, q_consts,
                   tuple(sorted(hist.items())), tuple(inputs), rank=lora.rank, dropout=lora.dropout,
-                  sequences=seqs, reference=reference, no_grad_sequences=no_grad, reference_bytes=ref_bytes)
+                  sequences=seqs, reference=reference, no_grad_sequences=no_grad, reference_sequences=ref_seqs,
+                  reference_bytes=ref_bytes)
