@@ -1,7 +1,7 @@
 """The baseline for bench_overhead.py: a plain torchrun + DeepSpeed loop, nothing else.
 
-It trains the same model on the same tokenized data with the same DeepSpeed config as
-`launcher run` would, and appends one JSON line per step (with its unix `time`) to --out.
+It trains the same model (built by the launcher's `build_model`, with the recipe's chunked loss)
+on the same tokenized data with the same DeepSpeed config as `launcher run` would, and appends one JSON line per step (with its unix `time`) to --out.
 Run with: torchrun --nproc_per_node 2 benchmarks/plain_deepspeed.py RECIPE --steps N --out FILE
 """
 
@@ -14,12 +14,13 @@ import time
 import deepspeed
 import torch
 import torch.distributed as dist
-from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
 from launcher.data import build_datasets, build_tokenizer, collate
 from launcher.recipe import load_recipe
+from launcher.runtime.chunked_loss import recipe_chunk_tokens
 from launcher.runtime.ds_config import build_ds_config
+from launcher.runtime.model import build_model
 
 
 def main() -> None:
@@ -37,9 +38,9 @@ def main() -> None:
     data = build_datasets(recipe, tok)
     ds_config = build_ds_config(recipe, data_parallel=world, on_gpu=False)
     keep = HfDeepSpeedConfig(ds_config)  # noqa: F841  (ZeRO-3 init, as in the launcher)
-    cfg = dict(recipe.model.config)
-    config = AutoConfig.for_model(cfg.pop("model_type"), vocab_size=len(tok), **cfg)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    # the same network and loss computation as the launcher's (the chunked loss is the model's
+    # forward, not launcher overhead): what differs is everything around the engine calls
+    model = build_model(recipe.model, tok, seed=recipe.train.seed, chunked_loss=recipe_chunk_tokens(recipe))
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
 
     micro = recipe.train.micro_batch_size
