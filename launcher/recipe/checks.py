@@ -231,4 +231,8 @@ def _check_lora(r: Recipe) -> None:
     if not r.model.name_or_path and (r.model.config or {}).get("model_type"):
         from launcher.runtime.lora import check_targets, meta_model
 
-        check_targets(r, meta_model(r))
+        try:
+            model = meta_model(r)
+        except (ValueError, TypeError):
+            return  # a config transformers cannot build: the worker's build says why
+        check_targets(r, model)

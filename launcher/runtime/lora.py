@@ -117,7 +117,9 @@ def apply_lora(model: torch.nn.Module, recipe: Recipe, *, seed: int) -> torch.nn
 
     config = peft_config(recipe, model)
     torch.manual_seed(seed + 1)  # the adapters' init, identical on every rank
-    peft_model = get_peft_model(model, config)
+    # adapters in the model's dtype, like every other trained weight: DeepSpeed keeps their fp32
+    # masters (PEFT's default upcast would mix dtypes inside ZeRO's flat 16-bit groups)
+    peft_model = get_peft_model(model, config, autocast_adapter_dtype=False)
     if recipe.model.activation_checkpointing not in (False, "none", None):
         # the frozen embeddings' output needs grad for checkpointed blocks to backpropagate
         peft_model.enable_input_require_grads()
