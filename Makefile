@@ -34,15 +34,24 @@ SLURM_MN_DIR ?= /tmp/launcher-slurm-mn
 # fixtures run once) and the Slurm files share one (tests/conftest.py). TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
 
-test: setup-test
+SKY_LOG ?= /tmp/launcher-make-test-sky.log
+
+# The local Slurm comes up (Debian packages on a fresh machine) while the venvs install, and
+# SkyPilot's two checks run in .venv-sky beside the main suite; their output follows it.
+test:
 	@export LAUNCHER_SLURM_DIR=$(SLURM_DIR) SLURM_CONF=$(SLURM_DIR)/slurm.conf; \
 	was_up=0; [ -f $$SLURM_CONF ] && timeout 5 sinfo -h >/dev/null 2>&1 && was_up=1; \
-	bash cluster/dev/slurm-up.sh >/dev/null; up=$$?; \
+	bash cluster/dev/slurm-up.sh >/dev/null & slurm=$$!; \
+	bash scripts/setup-env.sh --sky; setup=$$?; \
+	wait $$slurm; up=$$?; \
+	if [ $$setup -ne 0 ]; then echo "make test: setting up the venvs failed (see above)"; exit 1; fi; \
+	( echo "SkyPilot's task parser on the rendered tasks ($(SKY_PY)):"; \
+	  LAUNCHER_REQUIRE_SKYPILOT=1 $(SKY_PY) -m pytest -q -p no:cacheprovider tests/test_skypilot_render.py -k own_parser || exit 1; \
+	  echo "--json prints JSON alone with SkyPilot installed ($(SKY_PY)):"; \
+	  LAUNCHER_REQUIRE_SKYPILOT=1 $(SKY_PY) -m pytest -q -p no:cacheprovider tests/test_json_output.py tests/test_estimate_suggest.py \
+	) > $(SKY_LOG) 2>&1 & sky=$$!; \
 	LAUNCHER_REQUIRE_SLURM=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=30; rc=$$?; \
-	echo "SkyPilot's task parser on the rendered tasks ($(SKY_PY)):"; \
-	LAUNCHER_REQUIRE_SKYPILOT=1 $(SKY_PY) -m pytest -q -p no:cacheprovider tests/test_skypilot_render.py -k own_parser || rc=1; \
-	echo "--json prints JSON alone with SkyPilot installed ($(SKY_PY)):"; \
-	LAUNCHER_REQUIRE_SKYPILOT=1 $(SKY_PY) -m pytest -q -p no:cacheprovider tests/test_json_output.py tests/test_estimate_suggest.py || rc=1; \
+	wait $$sky || rc=1; cat $(SKY_LOG); \
 	[ $$was_up = 1 ] || bash cluster/dev/slurm-down.sh; \
 	if [ $$up -ne 0 ]; then echo "make test: the local Slurm did not come up (see above)"; exit 1; fi; \
 	exit $$rc
