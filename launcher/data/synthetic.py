@@ -98,16 +98,16 @@ def generate_text(cfg: SyntheticDataConfig) -> list[dict]:
 
 
 def _corrupt(rng: random.Random, word: str, good: str) -> str:
-    """A wrong answer close to the right one: the word not reversed, two letters swapped, or a
+    """A wrong answer close to the right one: the word not reversed, a letter left out, or a
     letter changed (never equal to `good`)."""
     for _ in range(_MAX_TRIES):
         kind = rng.randrange(3)
         if kind == 0:
             bad = word
         else:
-            chars, i = list(good), rng.randrange(len(good) - 1)
+            chars, i = list(good), rng.randrange(len(good))
             if kind == 1:
-                chars[i], chars[i + 1] = chars[i + 1], chars[i]
+                del chars[i]
             else:
                 chars[i] = rng.choice([c for c in LETTERS if c != chars[i]])
             bad = "".join(chars)
