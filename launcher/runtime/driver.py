@@ -57,7 +57,11 @@ def _worker_entry(config: dict[str, Any]) -> None:
 
     from launcher.runtime.quiet import quiet_libraries
 
+    from launcher.runtime import run_lock
+
     run_dir = Path(config["run_dir"])
+    run_lock.hold_as_worker(run_dir)  # a new driver sees this worker while it lives
+    os.environ[run_lock.DRIVER_ENV] = config.get("driver", "")
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     node_id = ray.get_runtime_context().get_node_id()
@@ -174,12 +178,16 @@ def run_on_ray(
     `launcher.checkpoint.preempt`); a second one abandons the save and returns at once, with
     RUN_DIR/preempted.json saying so. `phase(text)` hears what the job is doing before its
     first step."""
+    import socket
+
     import ray
+
+    from launcher.runtime import reaper
 
     say = phase or (lambda text: None)
     plan = ray_plan(recipe)
     address = ray_address or os.environ.get("RAY_ADDRESS")
-    started = False
+    started, reaping = False, None
     try:
         # From the start of Ray to its shutdown: a Ctrl-C while Ray starts gets the same two-step
         # treatment, and a third one while it shuts down leaves at once.
@@ -187,6 +195,8 @@ def run_on_ray(
             try:
                 say(f"joining Ray at {address}" if address else "starting Ray")
                 started = _init_ray(ray_address, plan)
+                if started:  # the private cluster ends with this process, however it ends
+                    reaping = reaper.start()
                 # Ray's core replaced our SIGTERM handler with its own (a stack dump and abort)
                 reinstall()
                 # Ray Train would send the workers' print() to its logger (on stderr) as well as
@@ -202,12 +212,14 @@ def run_on_ray(
                     # Ray Train restarts after a crash resumes instead of starting over at step 0
                     # and wiping the metrics.
                     "resume": True,
+                    "driver": f"{socket.gethostname()}:{os.getpid()}",
                 })
                 say(f"starting {plan.num_workers} worker{'s' if plan.num_workers != 1 else ''}")
                 _fit_guarded(trainer, run_dir)
             finally:
                 if started or (not address and ray.is_initialized()):  # also a start cut short
                     ray.shutdown()  # ends the workers, mid-step after a StopNow
+                reaper.release(reaping)  # and what ray.shutdown left (its agents)
     except StopNow:
         return  # preempted.json says so
 

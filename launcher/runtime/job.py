@@ -119,17 +119,26 @@ def run_job(
     A run directory that already holds a run is resumed from its newest committed checkpoint
     (`resume=False`: the old run is moved aside and training starts over). Returns with
     `preempted` set when a signal stopped training (the CLI exits with EXIT_PREEMPTED)."""
-    from contextlib import nullcontext
-
-    from launcher.checkpoint import preempt
     from launcher.pretrained import resolve_local_paths
-    from launcher.runtime.driver import PHASE_FILE, run_on_ray
+    from launcher.runtime.run_lock import hold_run
 
     # Before anything reads the recipe: the checkpoint fingerprint records the absolute model
     # directory, so `models/mine` must compare equal when the same command runs again.
     resolve_local_paths(recipe)
     say = notify or (lambda message: None)
     check_run_dir(run_dir)
+    with hold_run(run_dir, "launcher run" if resume else "launcher run --no-resume"):
+        return _run_held(recipe, run_dir, ray_address=ray_address, progress=progress, resume=resume, say=say)
+
+
+def _run_held(recipe: Recipe, run_dir: Path, *, ray_address: str | None, progress: Any, resume: bool,
+              say: Any) -> JobResult:
+    """`run_job` while this process holds the run directory."""
+    from contextlib import nullcontext
+
+    from launcher.checkpoint import preempt
+    from launcher.runtime.driver import PHASE_FILE, run_on_ray
+
     resume_from = _resume_point(run_dir, recipe, resume, say)
     finished = (run_dir / SUMMARY_FILE).exists() and resume_from is not None
     if finished and recipe.train.max_steps is not None and resume_from.step >= recipe.train.max_steps:

@@ -183,10 +183,13 @@ class Trainer:
         """Save `step`; with `background`, return once the state is in host memory (a handle),
         the files being written meanwhile. A save in flight is finished first."""
         from launcher.checkpoint.preempt import SaveAborted
+        from launcher.runtime.run_lock import driver_gone
 
         def check_abort() -> None:
             if self.signals.aborted(self.run_dir):
                 raise SaveAborted("a second stop request arrived during the save")
+            if driver_gone():  # the reaper is about to stop this worker: commit nothing more
+                raise SaveAborted("the run's driver is gone")
 
         if background:
             # A second signal during a background save aborts it through check_abort, in the
