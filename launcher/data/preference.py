@@ -58,7 +58,7 @@ def _response(value: Any, name: str) -> str:
     """A `chosen`/`rejected`/`completion` value: a string, a message, or a list of messages
     (the last assistant one is the response)."""
     if isinstance(value, list):
-        said = [m for m in value if isinstance(m, dict) and (m.get("from") or m.get("role")) in ("gpt", "assistant")]
+        said = [m for m in value if isinstance(m, dict) and _speaker(m) in ("gpt", "assistant")]
         value = said[-1] if said else None
     if isinstance(value, dict):
         value = value.get("value") if value.get("value") is not None else value.get("content")
@@ -67,6 +67,10 @@ def _response(value: Any, name: str) -> str:
     if not isinstance(value, str):
         raise RowError(f"field '{name}' must be a string or an assistant message, got {type(value).__name__}")
     return value
+
+
+def _speaker(message: dict) -> str | None:
+    return message.get("from") or message.get("role")
 
 
 def _label(row: dict) -> bool:
@@ -173,7 +177,8 @@ def encode(items: list[PrefItem], tokenizer: Any, data: DataConfig, counts: Coun
             for response in item.responses:
                 prompt, reply = _pieces(item, response, tokenizer)
                 p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-                r = tokenizer(reply, add_special_tokens=False)["input_ids"] + (tail if not item.messages else [])
+                r = tokenizer(reply, add_special_tokens=False)["input_ids"]
+                r += [] if item.messages else tail
                 seqs.append(_sequence(head + p, r, data, counts))
         except TemplateRowError as e:
             _malformed(item.row, str(e), data, counts)

@@ -107,7 +107,8 @@ def _check_preference(r: Recipe) -> None:
             "sharegpt or chat with preference rows (docs/preference.md), or train.task=pretrain",
         )
     made = PAIR_TASKS if task != "kto" else KTO_TASKS
-    for key, synthetic in [("data", data.synthetic)] + [(f"data.sources[{i}]", s.synthetic) for i, s in enumerate(data.sources)]:
+    synthetics = [("data", data.synthetic)] + [(f"data.sources[{i}]", s.synthetic) for i, s in enumerate(data.sources)]
+    for key, synthetic in synthetics:
         if synthetic is not None and synthetic.task not in made:
             raise RecipeError(
                 f"{key}.synthetic.task",
@@ -117,7 +118,8 @@ def _check_preference(r: Recipe) -> None:
     if data.packing:
         raise RecipeError(
             "data.packing",
-            f"train.task={task} scores each sequence on its own (a pair's log-probabilities): set data.packing=false",
+            f"train.task={task} scores each sequence on its own (a pair's log-probabilities): "
+            "set data.packing=false",
         )
     if r.parallelism.pipeline_stages > 1:
         raise RecipeError(

@@ -43,6 +43,8 @@ class MetricSums:
         return out
 
 
+Batch = dict[str, torch.Tensor]
+
 REWARDS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies")
 
 
@@ -67,7 +69,7 @@ class DPO:
     def items(self, batch: dict[str, torch.Tensor]) -> int:
         return _pairs(batch)
 
-    def begin_step(self, model: Any, batches: list[dict[str, torch.Tensor]], device: Any, reduce: bool = True) -> None:
+    def begin_step(self, model: Any, batches: list[Batch], device: Any, reduce: bool = True) -> None:
         pass
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor], num_items: float) -> torch.Tensor:
@@ -108,7 +110,7 @@ class ORPO:
         chosen_mask, _ = _chunk(batch["attention_mask"])
         return int(chosen_mask[:, 1:].sum())
 
-    def begin_step(self, model: Any, batches: list[dict[str, torch.Tensor]], device: Any, reduce: bool = True) -> None:
+    def begin_step(self, model: Any, batches: list[Batch], device: Any, reduce: bool = True) -> None:
         counts = [float(sum(_pairs(b) for b in batches)), float(sum(self.nll_tokens(b) for b in batches))]
         if reduce:
             from launcher.runtime.trainer.distributed import all_sum
@@ -153,7 +155,7 @@ class KTO:
     def items(self, batch: dict[str, torch.Tensor]) -> int:
         return batch["input_ids"].shape[0]
 
-    def begin_step(self, model: Any, batches: list[dict[str, torch.Tensor]], device: Any, reduce: bool = True) -> None:
+    def begin_step(self, model: Any, batches: list[Batch], device: Any, reduce: bool = True) -> None:
         """The KL estimate z0 of the step: the mean over the global batch of the policy's minus
         the reference's log-probs of mismatched (prompt, completion) pairs, clamped at 0, no
         gradient (TRL's; TRL averages per micro-batch over the ranks, this over the whole step)."""

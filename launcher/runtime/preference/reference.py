@@ -55,8 +55,8 @@ class AdaptersOff(ModuleReference):
         if not hasattr(module, "disable_adapter"):
             from launcher.errors import RecipeError
 
-            raise RecipeError("preference.reference", "reference=base needs a LoRA model (train.method=lora): "
-                              "set preference.reference=copy")
+            raise RecipeError("preference.reference",
+                              "reference=base needs a LoRA model (train.method=lora): set preference.reference=copy")
         return module.disable_adapter()
 
 
@@ -91,7 +91,8 @@ def build_copy(recipe: Recipe, policy: Any, world_size: int) -> Any:
     cfg = recipe.model
     config = copy.deepcopy(_policy_module(policy).config)
     kwargs = {"dtype": TORCH_DTYPES[cfg.dtype], "attn_implementation": cfg.attn_implementation}
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    on_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    devices = [torch.cuda.current_device()] if on_cuda else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(recipe.train.seed)  # build_model's seed: the same initial weights
         if cfg.name_or_path:
@@ -115,7 +116,8 @@ def _zero3_engine(recipe: Recipe, model: Any, policy: Any, world_size: int) -> A
     from launcher.runtime.ds_config import build_ds_config
 
     on_gpu = policy.device.type == "cuda"
-    config = build_ds_config(recipe, data_parallel=world_size // recipe.parallelism.pipeline_stages, on_gpu=on_gpu)
+    data_parallel = world_size // recipe.parallelism.pipeline_stages
+    config = build_ds_config(recipe, data_parallel=data_parallel, on_gpu=on_gpu)
     for key in ("optimizer", "scheduler"):
         config.pop(key, None)
     zero = dict(config.get("zero_optimization", {}))
