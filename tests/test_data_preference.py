@@ -192,3 +192,14 @@ def test_launcher_run_refuses_a_dpo_recipe_on_data_without_pairs(tmp_path):
     assert "sft.jsonl: row 1: missing fields 'chosen' and 'rejected'" in out.stderr
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_new_generator_version_prepares_the_synthetic_pairs_again(tmp_path, monkeypatch):
+    from launcher.data import synthetic
+
+    r = recipe(tmp_path, "dpo", format="alpaca", synthetic={"task": "reverse_pairs", "num_examples": 8})
+    first = prepare_datasets(r, tok()).stats["prepared"][0]
+    assert prepare_datasets(r, tok()).stats["prepared"][0] == {**first, "cache_hit": True}
+    monkeypatch.setitem(synthetic.GENERATOR_VERSIONS, "reverse_pairs", synthetic.GENERATOR_VERSIONS["reverse_pairs"] + 1)
+    again = prepare_datasets(r, tok()).stats["prepared"][0]
+    assert not again["cache_hit"] and again["path"] != first["path"]

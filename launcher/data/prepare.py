@@ -89,7 +89,10 @@ def plan_sources(data: DataConfig) -> list[SourcePlan]:
 
 def _source_identity(d: DataConfig) -> Any:
     if d.synthetic is not None:
-        return {"synthetic": dataclasses.asdict(d.synthetic)}
+        from launcher.data.synthetic import GENERATOR_VERSIONS
+
+        version = GENERATOR_VERSIONS.get(d.synthetic.task)
+        return {"synthetic": dataclasses.asdict(d.synthetic), **({"version": version} if version else {})}
     if d.hub:
         return {"hub": d.hub, "config": d.hub_config, "revision": _hub_revision(d), "split": d.hub_split}
     return {"files": [cache.file_identity(Path(p).expanduser()) for p in d.path if Path(p).expanduser().exists()]}

@@ -56,6 +56,10 @@ PAIR_TASKS = ("reverse_pairs",)
 KTO_TASKS = ("reverse_kto",)
 """Tasks that generate KTO rows (`instruction`, `input`, `output`, `label`)."""
 
+GENERATOR_VERSIONS = {"reverse_pairs": 2, "reverse_kto": 2}
+"""Bumped when a task's rows change for the same settings: part of the data cache's fingerprint
+(tasks not listed keep the fingerprints they always had)."""
+
 TEXT_TASKS = ("stories",)
 """Tasks that generate `{"text": ...}` rows (pretraining) instead of alpaca rows."""
 
