@@ -30,8 +30,10 @@ SLURM_DIR ?= /tmp/launcher-slurm
 SLURM_MN_DIR ?= /tmp/launcher-slurm-mn
 
 # Two pytest workers (pytest-xdist): much of a multi-process test is waiting (Ray and Slurm
-# starting, polls), which the other worker fills. A file's tests stay on one worker (module
-# fixtures run once) and the Slurm files share one (tests/conftest.py). TEST_WORKERS=0: one process.
+# starting, polls), which the other worker fills. `--dist loadfile`: a file's tests stay on one
+# worker, so module fixtures (the parity runs, the uninterrupted baselines) run once and the
+# Slurm tests, all in tests/test_slurm_integration.py, submit one job at a time. TEST_WORKERS=0:
+# one process.
 TEST_WORKERS ?= 2
 
 SKY_LOG ?= /tmp/launcher-make-test-sky.log
@@ -50,7 +52,7 @@ test:
 	  echo "--json prints JSON alone with SkyPilot installed ($(SKY_PY)):"; \
 	  LAUNCHER_REQUIRE_SKYPILOT=1 $(SKY_PY) -m pytest -q -p no:cacheprovider tests/test_json_output.py tests/test_estimate_suggest.py \
 	) > $(SKY_LOG) 2>&1 & sky=$$!; \
-	LAUNCHER_REQUIRE_SLURM=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=30; rc=$$?; \
+	LAUNCHER_REQUIRE_SLURM=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30; rc=$$?; \
 	wait $$sky || rc=1; cat $(SKY_LOG); \
 	[ $$was_up = 1 ] || bash cluster/dev/slurm-down.sh; \
 	if [ $$up -ne 0 ]; then echo "make test: the local Slurm did not come up (see above)"; exit 1; fi; \

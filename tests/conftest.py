@@ -65,20 +65,3 @@ def _private_run_registry(tmp_path_factory):
         os.environ["LAUNCHER_DATA_CACHE"] = str(tmp_path_factory.mktemp("data-cache"))
     yield
 
-
-# The files that use the one local Slurm cluster of `make test` (or its ports): one xdist worker
-# runs them all, in turn, so that no two of them submit at once.
-_SLURM_FILES = {
-    "test_slurm_integration.py", "test_slurm_submit.py", "test_slurm_ports.py", "test_cluster_profile.py",
-    "test_multinode.py", "test_skypilot_multinode.py",
-}
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups (`--dist loadgroup`)
-def pytest_collection_modifyitems(config, items):
-    """Under `make test`'s two xdist workers, a file is one unit of work: its module-scoped
-    fixtures (the parity runs, the uninterrupted baselines) run once, not on both workers."""
-    for item in items:
-        name = item.path.name
-        group = "slurm" if name in _SLURM_FILES else str(item.path.relative_to(ROOT))
-        item.add_marker(pytest.mark.xdist_group(group))
