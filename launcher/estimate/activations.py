@@ -78,7 +78,7 @@ def kept_per_block(shape: ModelShape, lay: Layout) -> int:
     return 2 * norm_bytes(shape, a) + attention_bytes(shape, lay) + mlp_bytes(shape, a)
 
 
-def loss_bytes(shape: ModelShape, lay: Layout) -> tuple[int, int]:
+def loss_bytes(shape: ModelShape, lay: Layout, head_trains: bool = True) -> tuple[int, int]:
     """(forward peak, backward peak) of the logits and cross-entropy for one micro-batch.
 
     Unchunked: the 16-bit logits (kept by the model's output), their fp32 copy and the log-softmax,
@@ -90,7 +90,8 @@ def loss_bytes(shape: ModelShape, lay: Layout) -> tuple[int, int]:
     a, tok, V = _bytes(lay), lay.seq_len * lay.micro_batch, shape.vocab
     if lay.chunked_loss:
         c = min(lay.chunk_tokens, tok)
-        return c * V * 8, c * V * 16 + hidden_grad_bytes(shape, lay)
+        # a frozen head (LoRA) needs no weight gradient: one fp32 chunk fewer (measured by --trace)
+        return c * V * 8, c * V * (16 if head_trains else 12) + hidden_grad_bytes(shape, lay)
     up = 4 if a < 4 else 0  # the fp32 copy of 16-bit logits
     return tok * V * (a + up + 4 + 2), tok * V * (a + 12)
 
@@ -100,21 +101,24 @@ def hidden_grad_bytes(shape: ModelShape, lay: Layout) -> int:
     return lay.seq_len * lay.micro_batch * _bytes(lay) * shape.hidden if lay.chunked_loss else 0
 
 
-def lora_bytes(inputs: tuple[tuple[int, int], ...], rank: int, dropout: float, lay: Layout) -> tuple[int, int]:
+def lora_bytes(inputs: tuple[tuple[int, int, int], ...], rank: int, dropout: float, lay: Layout) -> tuple[int, int]:
     """(kept, whole) bytes per token and block that PEFT's LoRA adds for the adapted linear layers
-    of a block, `inputs` being (in features, layers): each keeps its rank-sized A output for B's
-    backward and, with dropout, its own dropped-out copy of the input and the dropout mask (a + 1
-    bytes per input feature). `whole`: without checkpointing (a recomputed block holds this);
-    `kept`: in the recipe's mode (selective keeps only matmul outputs; full keeps none)."""
+    of a block, `inputs` being (in features, out features, layers): each keeps its rank-sized A
+    output for B's backward and, with dropout, its own dropped-out copy of the input and the
+    dropout mask (a + 1 bytes per input feature). `whole`: without checkpointing (a recomputed
+    block holds this); `kept`: in the recipe's mode. Selective checkpointing keeps every matmul
+    output, B's full-width one too (checked against --trace); full keeps none."""
     a = _bytes(lay)
-    ranks = sum(a * rank * n for _fin, n in inputs)
-    drop = sum((a + 1) * fin * n for fin, n in inputs) if dropout > 0 else 0
+    ranks = sum(a * rank * n for _fin, _fout, n in inputs)
+    drop = sum((a + 1) * fin * n for fin, _fout, n in inputs) if dropout > 0 else 0
+    outs = sum(a * fout * n for _fin, fout, n in inputs)
     whole = ranks + drop
-    return {"none": whole, "selective": ranks, "full": 0}[lay.ckpt], whole
+    return {"none": whole, "selective": ranks + outs, "full": 0}[lay.ckpt], whole
 
 
-def terms(shape: ModelShape, lay: Layout, extra: tuple[int, int] = (0, 0)) -> Terms:
-    """`extra`: (kept, whole) bytes per token and block a method adds (`lora_bytes`)."""
+def terms(shape: ModelShape, lay: Layout, extra: tuple[int, int] = (0, 0), head_trains: bool = True) -> Terms:
+    """`extra`: (kept, whole) bytes per token and block a method adds (`lora_bytes`); `head_trains`:
+    the LM head has a weight gradient."""
     a, s, b = _bytes(lay), lay.seq_len, lay.micro_batch
     tok = s * b
     layers = math.ceil(shape.num_layers / lay.pipeline_stages)
@@ -125,6 +129,6 @@ def terms(shape: ModelShape, lay: Layout, extra: tuple[int, int] = (0, 0)) -> Te
     # a block's activation gradients; eager adds the gradients of its s x s probabilities (fp32 + 16-bit)
     grads = tok * a * (2 * shape.intermediate + 2 * shape.hidden) + scores
     working = grads + (tok * block if lay.grad_ckpt else 0)
-    fwd, bwd = loss_bytes(shape, lay)
+    fwd, bwd = loss_bytes(shape, lay, head_trains)
     return Terms(stored=stored, per_block=tok * block, loss_forward=fwd, loss_backward=bwd, working=working,
                  scores=scores)

@@ -216,7 +216,7 @@ def activation_rows(shape: ModelShape, lay: Layout, method: Method | None = None
     seqs = method.sequences if method else 1
     extra = act.lora_bytes(method.adapter_inputs, method.rank, method.dropout, lay) if method and not method.full \
         else (0, 0)
-    t = act.terms(shape, lay.with_(micro_batch=lay.micro_batch * seqs), extra)
+    t = act.terms(shape, lay.with_(micro_batch=lay.micro_batch * seqs), extra, method is None or method.head_trains)
     layers = math.ceil(shape.num_layers / lay.pipeline_stages)
     label = {"none": "all block activations", "full": "block inputs (full checkpointing)",
              "selective": "matmul outputs + block inputs (selective checkpointing)"}[lay.ckpt]

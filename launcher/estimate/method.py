@@ -69,9 +69,11 @@ class Method:
     """Of `quantized_bytes`: the constants (absmax, nested absmax, code books), kept whole on every GPU."""
     numels: tuple[tuple[int, int], ...]
     """Trainable parameter sizes -> count (ZeRO partitions and persistence)."""
-    adapter_inputs: tuple[tuple[int, int], ...] = ()
-    """(in features, adapted layers per block) of the adapted linear layers in the blocks: what
-    LoRA's dropout copies and rank-sized outputs are kept for."""
+    adapter_inputs: tuple[tuple[int, int, int], ...] = ()
+    """(in features, out features, adapted layers per block of that shape) of the adapted linear
+    layers in the blocks: what LoRA's dropout copies and A and B outputs are kept for."""
+    head_trains: bool = True
+    """The LM head has gradients (full fine-tuning, or LoRA with it in the targets or modules_to_save)."""
     rank: int = 0
     dropout: float = 0.0
     sequences: int = 1
@@ -144,12 +146,12 @@ def lora_counts(shape: ModelShape, rank: int, targets: list[str],
         for n in (rank * fin, rank * fout):
             hist[n] = hist.get(n, 0) + count
         if ".*." in name and kind in ("linear", "head"):
-            inputs[fin] = inputs.get(fin, 0) + 1
+            inputs[(fin, fout)] = inputs.get((fin, fout), 0) + 1
     saved_params = 0
     for _name, _kind, numel, _fin, _fout, count in saved:
         saved_params += numel * count
         hist[numel] = hist.get(numel, 0) + count
-    return adapters, saved_params, hist, sorted(inputs.items())
+    return adapters, saved_params, hist, sorted((fin, fout, n) for (fin, fout), n in inputs.items())
 
 
 def quantized_modules(shape: ModelShape) -> list[tuple[str, str, int, int, int, int]]:
@@ -183,6 +185,8 @@ def method_for(recipe: Any, shape: ModelShape, method: str | None = None) -> Met
                       reference_bytes=ref_bytes)
     adapters, saved, hist, inputs = lora_counts(shape, lora.rank, list(lora.target_modules),
                                                 list(lora.modules_to_save))
+    head = [m[0] for m in shape.modules if m[1] == "head"]
+    head_trains = any(_matches(h, t) for h in head for t in list(lora.target_modules) + list(lora.modules_to_save))
     quantized = q_bytes = q_consts = 0
     if method == "qlora":
         for _n, _k, numel, fin, fout, count in quantized_modules(shape):
@@ -194,6 +198,6 @@ def method_for(recipe: Any, shape: ModelShape, method: str | None = None) -> Met
     base16 = shape.total - quantized
     ref_bytes = (w * base16 + q_bytes) if reference == "copy" else 0
     return Method(method, task, adapters + saved, adapters, base16, quantized, q_bytes, q_consts,
-                  tuple(sorted(hist.items())), tuple(inputs), rank=lora.rank, dropout=lora.dropout,
+                  tuple(sorted(hist.items())), tuple(inputs), head_trains, rank=lora.rank, dropout=lora.dropout,
                   sequences=seqs, reference=reference, no_grad_sequences=no_grad, reference_sequences=ref_seqs,
                   reference_bytes=ref_bytes)

@@ -34,6 +34,8 @@ class Trace:
     """Elements of each trained parameter (for ZeRO's per-parameter partitions)."""
     seconds: float
     notes: list[str] = field(default_factory=list)
+    all_numels: list[int] = field(default_factory=list)
+    """Elements of every parameter, frozen ones included (LoRA: the base's ZeRO-3 partitions)."""
 
 
 def _checkpointing(model: Any, mode: str) -> None:
@@ -120,8 +122,52 @@ def build_config(config: dict[str, Any], lay: Layout, *, trust_remote_code: bool
     return cfg
 
 
-def trace_step(config: dict[str, Any], lay: Layout, *, trust_remote_code: bool = False) -> Trace:
-    """Run one training step of `config`'s architecture in `lay`'s micro-batch under fake tensors."""
+def _adapters(model: Any, lora: dict[str, Any] | None) -> Any:
+    """LoRA as PEFT computes it (`base(x) + B(A(dropout(x))) * alpha / r` on each target linear
+    layer), the base frozen. Written out rather than PEFT's own wrapper because PEFT moves its new
+    layers with `Module.to`, which cannot swap fake parameters; the operations, and so what
+    autograd keeps, are PEFT's. `modules_to_save` trains the named modules themselves (PEFT trains a
+    copy beside the frozen original: the trace leaves the original out)."""
+    if not lora:
+        return model
+    import torch
+
+    from launcher.estimate.method import _matches
+
+    class Adapted(torch.nn.Module):
+        def __init__(self, base: Any, r: int, alpha: float, dropout: float) -> None:
+            super().__init__()
+            w = base.weight
+            fin, fout = (w.shape[1], w.shape[0]) if isinstance(base, torch.nn.Linear) else (w.shape[0], w.shape[1])
+            self.base, self.scale = base, alpha / r
+            self.lora_A = torch.nn.Linear(fin, r, bias=False, dtype=w.dtype)
+            self.lora_B = torch.nn.Linear(r, fout, bias=False, dtype=w.dtype)
+            self.drop = torch.nn.Dropout(dropout) if dropout > 0 else torch.nn.Identity()
+
+        def forward(self, x: Any) -> Any:
+            return self.base(x) + self.lora_B(self.lora_A(self.drop(x))) * self.scale
+
+    model.requires_grad_(False)
+    out = model.get_output_embeddings()
+    for name, module in list(model.named_modules()):
+        if not name or module is out or not hasattr(module, "weight") or getattr(module.weight, "dim", lambda: 0)() != 2:
+            continue
+        if isinstance(module, torch.nn.Embedding):
+            continue
+        if any(_matches(name, t) for t in lora["targets"]):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child,
+                    Adapted(module, lora["rank"], lora["alpha"], lora["dropout"]))
+    for name, module in model.named_modules():
+        if any(_matches(name, t) for t in lora["modules_to_save"]):
+            module.requires_grad_(True)
+    return model
+
+
+def trace_step(config: dict[str, Any], lay: Layout, *, trust_remote_code: bool = False,
+               lora: dict[str, Any] | None = None) -> Trace:
+    """Run one training step of `config`'s architecture in `lay`'s micro-batch under fake tensors
+    (`lora`: rank, alpha, dropout, targets, modules_to_save of PEFT's adapters)."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import AutoModelForCausalLM
@@ -135,7 +181,7 @@ def trace_step(config: dict[str, Any], lay: Layout, *, trust_remote_code: bool =
                                                  trust_remote_code=trust_remote_code)
         model.train()
         _checkpointing(model, lay.ckpt)
-        model = _chunked(model, lay)
+        model = _adapters(_chunked(model, lay), lora)
         with lb:
             states = _states(model, lb, lay)
             ids = torch.zeros(lay.micro_batch, lay.seq_len, dtype=torch.long)
@@ -149,19 +195,22 @@ def trace_step(config: dict[str, Any], lay: Layout, *, trust_remote_code: bool =
             _step(*states)
             lb.set_phase("done", "temporaries")
     numels = [p.numel() for p in states[0]]
-    return Trace(timeline=lb.timeline, numels=numels, seconds=time.perf_counter() - t0)
+    return Trace(timeline=lb.timeline, numels=numels, seconds=time.perf_counter() - t0,
+                 all_numels=[p.numel() for p in model.parameters()])
 
 
-def weights(lay: Layout, numels: list[int]) -> dict[str, float]:
+def weights(lay: Layout, numels: list[int], all_numels: list[int] | None = None) -> dict[str, float]:
     """One rank's share of each kind of traced bytes in `lay`: ZeRO partitions each parameter into
     ceil(numel/N) elements (ZeRO-3: weights too; ZeRO-1/2/3: the fp32 gradients and optimizer
     states), ZeRO-2/3 reduce the 16-bit gradients through buckets (counted as buffers) instead of
     keeping them, offload moves the optimizer (with its fp32 gradients) or the weights to the host."""
     n, z = lay.data_parallel, lay.zero_stage
     part = sum(math.ceil(x / n) for x in numels) / max(sum(numels), 1)
+    every = all_numels or numels
+    part_all = sum(math.ceil(x / n) for x in every) / max(sum(every), 1)
     shard = part if z >= 1 else 1.0
     opt = 0.0 if lay.offload_optimizer != "none" else shard
-    return {"params": 0.0 if lay.offload_param != "none" else (part if z == 3 else 1.0),
+    return {"params": 0.0 if lay.offload_param != "none" else (part_all if z == 3 else 1.0),
             "grads16": 0.0 if z >= 2 else 1.0, "grads32": opt, "master": opt, "adam": opt,
             "activations": 1.0, "temporaries": 1.0}
 
@@ -172,7 +221,7 @@ def per_gpu(trace: Trace, lay: Layout, analytic: dict[str, int]) -> tuple[dict[s
     model's share of the traced activations and buffers."""
     from launcher.estimate.memory import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES
 
-    at = peaks(trace.timeline, weights(lay, trace.numels), PHASES)
+    at = peaks(trace.timeline, weights(lay, trace.numels, trace.all_numels), PHASES)
     phase = max(PHASES, key=lambda ph: at[ph][0])
     k = at[phase][1]
     out = {"params": k["params"] + k["buffers"], "grads": k["grads16"] + k["grads32"], "optimizer": k["master"] + k["adam"],
@@ -193,8 +242,21 @@ def trace_estimate(est: Any, recipe: Any) -> dict[str, Any]:
     from launcher.estimate.estimator import model_config
 
     _, config = model_config(recipe)
+    lay = est.layout
+    if lay.method == "qlora" or lay.task in ("dpo", "orpo", "kto"):
+        raise UserError("--trace: traces full fine-tuning and LoRA of SFT and pretraining; QLoRA's 4-bit "
+                        "layers need bitsandbytes on a GPU and the preference objectives are not traced: "
+                        "leave out --trace, or --calibrate on a GPU")
+    lora = None
+    if lay.method == "lora":
+        from launcher.estimate.method import default_targets
+        from launcher.estimate.params import model_shape
+
+        r = recipe.lora
+        lora = {"rank": r.rank, "alpha": r.alpha, "dropout": r.dropout, "modules_to_save": list(r.modules_to_save),
+                "targets": list(r.target_modules) or default_targets(model_shape(config))}
     try:
-        tr = trace_step(config, est.layout, trust_remote_code=recipe.model.trust_remote_code)
+        tr = trace_step(config, est.layout, trust_remote_code=recipe.model.trust_remote_code, lora=lora)
     except UserError:
         raise
     except Exception as e:  # an architecture that cannot run on fake tensors
