@@ -11,7 +11,6 @@ fp32 masters, the frozen base as saved module weights (ZeRO-3: every rank's
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from pathlib import Path
@@ -154,6 +153,7 @@ def _write_adapter(step_dir: Path, out: Path, recipe: Any, config: Any, tokenize
         _write_model(step_dir, out / "base", recipe, config, tokenizer, target, merged=False,
                      max_shard_size=max_shard_size)
         cfg.base_model_name_or_path = str((out / "base").resolve())
+    cfg.inference_mode = True  # as PeftModel.save_pretrained writes it
     cfg.save_pretrained(str(out))
     tokenizer.save_pretrained(out)
     return summary
@@ -199,7 +199,3 @@ def _write_model(step_dir: Path, out: Path, recipe: Any, config: Any, tokenizer:
     return {"files": files + ["model.safetensors.index.json"], "tensors": len(specs), "params": n_params,
             "total_bytes": sum(s.nbytes for s in specs)}
 
-
-def adapter_summary(out: Path) -> dict[str, Any]:
-    """What `adapter_config.json` in `out` says (for the CLI's message)."""
-    return json.loads((out / "adapter_config.json").read_text())

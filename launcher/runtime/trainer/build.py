@@ -52,9 +52,17 @@ def _with_adapters(recipe: Recipe, tokenizer: Any, *, seed: int, chunk: int) -> 
     refuses LoRA with pipeline stages)."""
     from launcher.runtime.lora import apply_lora, quantization_config, uses_lora
 
+    if not uses_lora(recipe):
+        return build_model(recipe.model, tokenizer, seed=seed, chunked_loss=chunk)
+    from launcher.runtime.chunked_loss import enable_chunked_loss
+
     quant = quantization_config(recipe) if recipe.train.method == "qlora" else None
-    model = build_model(recipe.model, tokenizer, seed=seed, chunked_loss=chunk, quantization=quant)
-    return apply_lora(model, recipe, seed=seed) if uses_lora(recipe) else model
+    model = build_model(recipe.model, tokenizer, seed=seed, quantization=quant)
+    peft_model = apply_lora(model, recipe, seed=seed)
+    # the chunked loss after the wrapping: it applies only while the head is still a plain linear
+    # layer (not when lora.modules_to_save or the targets wrap lm_head), and it reads the head's weight
+    enable_chunked_loss(peft_model.get_base_model(), chunk)
+    return peft_model
 
 
 def build(recipe: Recipe, ctx: WorkerContext, tokenizer: Any, objective: Objective, *, steps: int) -> Built:

@@ -102,6 +102,7 @@ def _export(trainer: Any, step_dir: Path, out: Path) -> None:
     trainer.built.hf_ds_config = None
     recipe = trainer.recipe
     # this run's own recipe, which the user started: its trust_remote_code holds here (a `ckpt
-    # export` of someone else's run directory takes it only from --trust-remote-code)
+    # export` of someone else's run directory takes it only from --trust-remote-code). A LoRA
+    # run's checkpoint is exported as its PEFT adapter (and a random-init base in hf/base/).
     export_checkpoint(step_dir, out, recipe=recipe, dtype=recipe.model.dtype,
                       trust_remote_code=recipe.model.trust_remote_code)
