@@ -235,6 +235,58 @@ def _resources(recipe: Recipe, gpu: str | None, nodes: int | None, gpus_per_node
     return n_nodes, gpn, find_gpu(gpu_name, "--gpu" if gpu else "resources.gpu")
 
 
+@dataclass
+class _Layouts:
+    """Memory and time of any layout of one recipe (the recipe's own and the suggestions'):
+    each method's accounting is built once."""
+
+    recipe: Recipe
+    shape: ModelShape
+    examples: int | None
+    on_gpu: bool
+    mfu: float | None
+    recipe_layout: Layout
+    avg_seq_len: int | None
+    network_gbps: float | None
+    methods: dict[str, Method] = field(default_factory=dict)
+
+    def method(self, layout: Layout) -> Method:
+        if layout.method not in self.methods:
+            self.methods[layout.method] = method_for(self.recipe, self.shape, layout.method)
+        return self.methods[layout.method]
+
+    def memory(self, layout: Layout) -> memory.MemoryEstimate:
+        from launcher.runtime.ds_config import build_ds_config
+
+        ds = build_ds_config(self.recipe, data_parallel=layout.data_parallel, on_gpu=self.on_gpu)
+        zero = ds.setdefault("zero_optimization", {})
+        zero["stage"] = layout.zero_stage
+        if layout.zero_stage == 3 and "stage3_prefetch_bucket_size" not in zero:
+            zero.update(stage3_prefetch_bucket_size=5e7, stage3_param_persistence_threshold=1e5)
+        return memory.estimate_memory(self.shape, layout, ds, self.method(layout))
+
+    def time(self, layout: Layout, g: Gpu) -> compute.TimeEstimate:
+        t = self.recipe.train
+        n_steps = compute.total_steps(self.examples, t.max_steps, t.epochs, layout)
+        eff = self.mfu
+        if eff is not None and layout != self.recipe_layout:
+            # a given efficiency is the recipe layout's: offload in a suggestion still costs its share
+            eff = eff * compute.default_mfu(layout) / compute.default_mfu(self.recipe_layout)
+        return compute.estimate_time(self.shape, layout, g, steps=n_steps, avg_seq_len=self.avg_seq_len,
+                                     mfu=eff, network_gbps=self.network_gbps, method=self.method(layout))
+
+
+def _examples(recipe: Recipe, dataset_rows: int | None) -> tuple[int | None, str]:
+    """Training examples and where the figure comes from."""
+    from launcher.estimate.data_size import train_examples
+
+    if dataset_rows is not None:
+        examples, source = int(dataset_rows * (1 - recipe.data.eval_fraction)), "--dataset-rows"
+    else:
+        examples, source = train_examples(recipe)
+    return examples, ("train.max_steps" if recipe.train.max_steps is not None else source)
+
+
 def estimate_recipe(
     recipe: Recipe,
     *,
@@ -262,90 +314,63 @@ def estimate_recipe(
     `live_prices` reads SkyPilot's catalog (a child process with a timeout) instead of the table.
     `search`: search for the cheapest layouts that fit even when the recipe's own fits.
     """
-    from launcher.runtime.ds_config import build_ds_config
-
     notes: list[str] = []
     n_nodes, gpn, gpu_spec = _resources(recipe, gpu, nodes, gpus_per_node, notes)
     t = recipe.train
     lay = _layout(recipe, n_nodes, gpn)
     model_name, shape = _shape_for(recipe)
     check_layout(lay, shape.num_layers)
-    from launcher.estimate.data_size import train_examples
-
-    if dataset_rows is not None:
-        examples, ex_src = int(dataset_rows * (1 - recipe.data.eval_fraction)), "--dataset-rows"
-    else:
-        examples, ex_src = train_examples(recipe)
-    if t.max_steps is not None:
-        ex_src = "train.max_steps"
+    examples, ex_src = _examples(recipe, dataset_rows)
     check_data_parallel(lay, examples)
-
-    methods: dict[str, Method] = {}
-
-    def method_of(layout: Layout) -> Method:
-        if layout.method not in methods:
-            methods[layout.method] = method_for(recipe, shape, layout.method)
-        return methods[layout.method]
-
-    def mem_for(layout: Layout) -> memory.MemoryEstimate:
-        ds = build_ds_config(recipe, data_parallel=layout.data_parallel, on_gpu=gpu_spec is not None)
-        zero = ds.setdefault("zero_optimization", {})
-        zero["stage"] = layout.zero_stage
-        if layout.zero_stage == 3 and "stage3_prefetch_bucket_size" not in zero:
-            zero.update(stage3_prefetch_bucket_size=5e7, stage3_param_persistence_threshold=1e5)
-        return memory.estimate_memory(shape, layout, ds, method_of(layout))
-
-    def time_for(layout: Layout, g: Gpu) -> compute.TimeEstimate:
-        n_steps = compute.total_steps(examples, t.max_steps, t.epochs, layout)
-        eff = mfu
-        if mfu is not None and layout != lay:
-            # a given efficiency is the recipe layout's: offload in a suggestion still costs its share
-            eff = mfu * compute.default_mfu(layout) / compute.default_mfu(lay)
-        return compute.estimate_time(shape, layout, g, steps=n_steps, avg_seq_len=avg_seq_len, mfu=eff,
-                                     network_gbps=network_gbps, method=method_of(layout))
-
-    mem = mem_for(lay)
+    ev = _Layouts(recipe, shape, examples, gpu_spec is not None, mfu, lay, avg_seq_len, network_gbps)
     est = Estimate(
-        recipe_name=recipe.name, model=model_name, shape=shape, layout=lay, gpu=gpu_spec, memory=mem,
+        recipe_name=recipe.name, model=model_name, shape=shape, layout=lay, gpu=gpu_spec, memory=ev.memory(lay),
         fits=None, suggestions=[], time=None, costs=[], prices_as_of=None, prices_source=None,
-        examples=examples, examples_source=ex_src, notes=notes, title=title, method=method_of(lay),
+        examples=examples, examples_source=ex_src, notes=notes, title=title, method=ev.method(lay),
     )
     notes += method_notes(recipe, est.method, lay)
     steps = compute.total_steps(examples, t.max_steps, t.epochs, lay)
     if steps is None:
         notes.append(f"total steps unknown ({ex_src}): set train.max_steps or pass --dataset-rows")
     if gpu_spec is not None:
-        host_bytes, est.host_memory_source = host_memory(gpu_spec, gpn, node_memory_gb)
-        est.host_memory_bytes = host_bytes
-
-        def check(layout: Layout) -> Check:
-            m = mem if layout == lay else mem_for(layout)
-            tl = time_for(layout, gpu_spec)
-            per_node_host = host_bytes if layout.gpus_per_node == gpn else \
-                host_memory(gpu_spec, layout.gpus_per_node, node_memory_gb)[0]
-            return Check(m.per_gpu["total"], m.per_gpu["total"] <= gpu_spec.memory_bytes, m.cpu_per_node,
-                         m.cpu_per_node <= per_node_host, tl.step_time_s, tl.tokens_per_s, tl.total_hours)
-
-        own = check(lay)
-        est.gpu_fits, est.host_fits, est.fits = own.gpu_fits, own.host_fits, own.fits
-        if not est.fits or search:
-            others = () if est.fits else tuple(
-                x for x in OTHER_METHODS.get(lay.method, ()) if x != "qlora" or recipe.model.name_or_path)
-            est.suggestions = suggest(lay, check, usd_per_gpu_hour=usd_per_gpu_hour or cheapest_gpu_hour(gpu_spec),
-                                      methods=others)
-        est.time = time_for(lay, gpu_spec)
-        est.warnings += est.time.warnings
+        _check_on_gpu(est, recipe, ev, gpn, node_memory_gb, usd_per_gpu_hour, search)
         if avg_seq_len is None and not recipe.data.packing:
             notes.append("time assumes every sequence is max_seq_len tokens long (an upper bound without "
                          "packing): pass --avg-seq-len for the data's mean length")
         if steps is not None:
-            _add_costs(est, recipe, time_for, live_prices=live_prices, preemption_rate=preemption_rate,
+            _add_costs(est, recipe, ev.time, live_prices=live_prices, preemption_rate=preemption_rate,
                        restart_minutes=restart_minutes, usd_per_gpu_hour=usd_per_gpu_hour,
                        onprem_name=onprem_name)
     if lay.offload_optimizer != "none" or lay.offload_param != "none":
         notes.append("with offload, DeepSpeed's estimate covers model states only; real use adds the rows "
                      "below it (activations, buffers), which its users report as the 10-40x surprise")
     return est
+
+
+def _check_on_gpu(est: Estimate, recipe: Recipe, ev: _Layouts, gpn: int, node_memory_gb: float | None,
+                  usd_per_gpu_hour: float | None, search: bool) -> None:
+    """Fit on the GPU and its hosts, the time, and the suggestions when it does not fit (or `search`)."""
+    lay, gpu_spec, mem = est.layout, est.gpu, est.memory
+    host_bytes, est.host_memory_source = host_memory(gpu_spec, gpn, node_memory_gb)
+    est.host_memory_bytes = host_bytes
+
+    def check(layout: Layout) -> Check:
+        m = mem if layout == lay else ev.memory(layout)
+        tl = ev.time(layout, gpu_spec)
+        per_node_host = host_bytes if layout.gpus_per_node == gpn else \
+            host_memory(gpu_spec, layout.gpus_per_node, node_memory_gb)[0]
+        return Check(m.per_gpu["total"], m.per_gpu["total"] <= gpu_spec.memory_bytes, m.cpu_per_node,
+                     m.cpu_per_node <= per_node_host, tl.step_time_s, tl.tokens_per_s, tl.total_hours)
+
+    own = check(lay)
+    est.gpu_fits, est.host_fits, est.fits = own.gpu_fits, own.host_fits, own.fits
+    if not est.fits or search:
+        others = () if est.fits else tuple(
+            x for x in OTHER_METHODS.get(lay.method, ()) if x != "qlora" or recipe.model.name_or_path)
+        est.suggestions = suggest(lay, check, usd_per_gpu_hour=usd_per_gpu_hour or cheapest_gpu_hour(gpu_spec),
+                                  methods=others)
+    est.time = ev.time(lay, gpu_spec)
+    est.warnings += est.time.warnings
 
 
 def method_notes(recipe: Recipe, m: Method, lay: Layout) -> list[str]:
