@@ -193,3 +193,22 @@ def test_export_maps_peft_names_to_the_plain_models():
     assert hf_name(head + "original_module.weight") is None
     assert base_name(head + "original_module.weight") == "lm_head.weight"
     assert base_name(head + "modules_to_save.default.weight") is None
+
+
+def test_a_stage0_lora_checkpoint_names_its_trainable_parameters(tmp_path):
+    """ZeRO-0 records no frozen names: the optimizer's parameters are the PEFT model's adapters
+    (and modules_to_save copies), matched in param_groups' order (decay first)."""
+    from launcher.checkpoint.zero_reader import iter_full_optimizer_states, read_meta
+
+    p = "base_model.model.model.layers.0.self_attn.q_proj."
+    module = {p + "base_layer.weight": torch.ones(8, 8), p + "lora_A.default.weight": torch.full((2, 8), 2.0),
+              p + "lora_B.default.weight": torch.full((8, 2), 3.0), "base_model.model.model.norm.weight": torch.ones(8)}
+    state = {0: {"step": torch.tensor(3.0), "exp_avg": torch.full((2, 8), 0.5), "exp_avg_sq": torch.zeros(2, 8)},
+             1: {"step": torch.tensor(3.0), "exp_avg": torch.full((8, 2), 0.25), "exp_avg_sq": torch.zeros(8, 2)}}
+    torch.save({"module": module, "optimizer": {"state": state, "param_groups": [{"params": [0, 1]}]},
+                "buffer_names": [], "dp_world_size": 1}, tmp_path / "mp_rank_00_model_states.pt")
+    meta = read_meta(tmp_path)
+    assert meta.zero_stage == 0 and list(meta.param_groups) == [p + "lora_A.default.weight", p + "lora_B.default.weight"]
+    assert len(meta.param_shapes) == 4  # the frozen base is there too, for the export
+    states = dict(iter_full_optimizer_states(tmp_path))
+    assert float(states[p + "lora_B.default.weight"]["exp_avg"][0, 0]) == 0.25
