@@ -212,3 +212,14 @@ def test_a_stage0_lora_checkpoint_names_its_trainable_parameters(tmp_path):
     assert len(meta.param_shapes) == 4  # the frozen base is there too, for the export
     states = dict(iter_full_optimizer_states(tmp_path))
     assert float(states[p + "lora_B.default.weight"]["exp_avg"][0, 0]) == 0.25
+
+
+def test_a_lora_checkpoint_refuses_a_resume_with_other_adapters():
+    from launcher.checkpoint.state import fingerprint, fingerprint_diff
+
+    lora = from_dict(_lora_dict())
+    assert fingerprint_diff(fingerprint(lora), fingerprint(from_dict(_lora_dict(dropout=0.1)))) == []
+    assert fingerprint_diff(fingerprint(lora), fingerprint(from_dict(_lora_dict(rank=8)))) == ["lora.rank: 4 -> 8"]
+    full = from_dict(tiny_recipe_dict(name="lora"))
+    assert "train.method" not in fingerprint(full)  # full runs' manifests are unchanged
+    assert "train.method: 'lora' -> None" in fingerprint_diff(fingerprint(lora), fingerprint(full))

@@ -89,10 +89,17 @@ BREAKING_KEYS = (
 )
 
 
+ADAPTER_KEYS = ("train.method", "lora.rank", "lora.alpha", "lora.target_modules", "lora.modules_to_save",
+                "lora.quant_type", "lora.double_quant")
+"""What shapes (or scales) a LoRA run's adapters: breaking too, recorded only for LoRA runs so that
+the fingerprints of full fine-tuning runs, and their checkpoints' manifests, stay as they were."""
+
+
 def fingerprint(recipe: Recipe) -> dict[str, Any]:
     d = to_dict(recipe)
     out = {}
-    for key in BREAKING_KEYS:
+    keys = BREAKING_KEYS + (ADAPTER_KEYS if getattr(recipe.train, "method", "full") != "full" else ())
+    for key in keys:
         node: Any = d
         for part in key.split("."):
             node = node.get(part) if isinstance(node, dict) else None
