@@ -223,3 +223,13 @@ def test_a_lora_checkpoint_refuses_a_resume_with_other_adapters():
     full = from_dict(tiny_recipe_dict(name="lora"))
     assert "train.method" not in fingerprint(full)  # full runs' manifests are unchanged
     assert "train.method: 'lora' -> None" in fingerprint_diff(fingerprint(lora), fingerprint(full))
+
+
+def test_merge_of_a_full_fine_tuning_checkpoint_is_refused(tmp_path):
+    from launcher.checkpoint.export import export_checkpoint
+
+    torch.save({"module": {"model.norm.weight": torch.ones(8)}, "buffer_names": [], "dp_world_size": 1},
+               tmp_path / "mp_rank_00_model_states.pt")
+    with pytest.raises(UserError, match="--merge applies to LoRA runs"):
+        export_checkpoint(tmp_path, tmp_path / "out", recipe=from_dict(tiny_recipe_dict()), merge=True)
+    assert not (tmp_path / "out").exists()
