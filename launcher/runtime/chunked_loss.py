@@ -136,7 +136,9 @@ def enable_chunked_loss(model: nn.Module, chunk_tokens: int) -> nn.Module:
     def forward(*args: Any, labels: torch.Tensor | None = None, num_items_in_batch: Any = None,
                 **kwargs: Any) -> Any:
         more = any(kwargs.get(k) for k in ("output_hidden_states", "output_attentions"))
-        if args or labels is None or more or kwargs.get("return_dict") is False:
+        # checked per call: a head wrapped after this (PEFT's modules_to_save) makes chunking not
+        # apply, and causal_lm_loss's fallback would call this forward again, forever
+        if args or labels is None or more or kwargs.get("return_dict") is False or not supports_chunked_loss(model):
             return original(*args, labels=labels, num_items_in_batch=num_items_in_batch, **kwargs)
         kwargs.pop("use_cache", None)
         loss = causal_lm_loss(model, {**kwargs, "labels": labels}, num_items_in_batch, chunk_tokens)

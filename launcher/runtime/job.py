@@ -76,7 +76,7 @@ def preflight(recipe: Recipe, *, data_progress: Any = None) -> tuple[Any, Any]:
     import sys
 
     from launcher.pretrained import check_model, go_offline_if_unreachable, resolve_local_paths
-    from launcher.runtime.devices import check_dtype
+    from launcher.runtime.devices import check_devices
 
     # Relative model/tokenizer directories become absolute before the recipe is recorded and
     # shipped: workers may run in another directory. Then config and tokenizer files (never
@@ -86,7 +86,7 @@ def preflight(recipe: Recipe, *, data_progress: Any = None) -> tuple[Any, Any]:
     if note:
         print(f"note: {note}", file=sys.stderr)
     check_model(recipe)
-    check_dtype(recipe)
+    check_devices(recipe)  # fp16 on CPU; LoRA targets of a pretrained model, bitsandbytes
     tokenizer = build_tokenizer(
         recipe.tokenizer, recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code
     )
