@@ -224,7 +224,8 @@ fi
 """.splitlines()
 
 
-def _body_ray() -> list[str]:
+def _ray_node_functions() -> list[str]:
+    """Shell functions every node step uses: its address and interface, its ports, its Ray."""
     worker_ports = js.ray_ports("base").replace("\n", "\n  ")
     text = f"""\
 # The node's address on the cluster network (Ray binds to it; nothing listens on 0.0.0.0), and
@@ -266,6 +267,13 @@ ray_node() {{
 export -f node_ip node_iface reserve_ports ray_node
 export NET_IFACE PY RAY_START_TIMEOUT RAY_PORT_BLOCK
 
+"""
+    return text.splitlines()
+
+
+def _node_exclusion() -> list[str]:
+    """The allocation's nodes, and a requeue without the ones that failed too often."""
+    text = f"""\
 # Ray: the head on this (the first) node, one srun step per other node, so that a node lost
 # mid-run is known by name. Ports: a block each node reserves and probes for itself, starting
 # at the job id's slot; no dashboard; a token that lives only in this job's environment.
@@ -295,6 +303,13 @@ if [ -n "$BAD_HERE" ] && [ "$RESTART" -lt "$MAX_RESTARTS" ]; then
   echo "launcher: $BAD_HERE failed $EXCLUDE_NODE_AFTER times under this run: requeueing without it" >&2
   requeue_excluding && exit 0
 fi
+"""
+    return text.splitlines()
+
+
+def _ray_start() -> list[str]:
+    """Ports and token, the Ray head and one worker step per other node, then wait for all."""
+    text = f"""\
 HEAD_IP="$(node_ip)"
 if [ -z "$HEAD_IP" ]; then
   echo "launcher: no IPv4 address for Ray on $(hostname) (network_interface: ${{NET_IFACE:-none}})" >&2
@@ -335,6 +350,10 @@ fi
 event ray_ready
 """
     return text.splitlines()
+
+
+def _body_ray() -> list[str]:
+    return [*_ray_node_functions(), *_node_exclusion(), *_ray_start()]
 
 
 def _body_driver() -> list[str]:
