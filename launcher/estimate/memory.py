@@ -87,98 +87,120 @@ def stage_params(shape: ModelShape, stages: int) -> int:
     return math.ceil(shape.num_layers / stages) * shape.per_layer + (other if shape.tied else math.ceil(other / 2))
 
 
-def model_states(shape: ModelShape, lay: Layout, ds_config: dict[str, Any]) -> MemoryEstimate:
-    """Weights, gradients and optimizer states (DeepSpeed's terms) plus ZeRO's buffers."""
+_States = tuple[list[Row], float, dict[str, int]]
+"""Rows on the GPU, DeepSpeed's host-memory figure, per-rank partition sizes."""
+
+
+def _zero3_states(shape: ModelShape, lay: Layout, zcfg: dict[str, Any], P: int) -> _States:
+    """ZeRO-3: every state partitioned 1/N, the gathered largest module, prefetch and persistence."""
     w = lay.weight_bytes
-    P = stage_params(shape, lay.pipeline_stages)
     N = lay.data_parallel
     g, nodes = lay.gpus_per_node, lay.nodes
-    Lg = shape.largest_module
     f = DS_BUFFER_FACTOR
-    z = lay.zero_stage
     opt_off = lay.offload_optimizer != "none"
     par_off = lay.offload_param != "none"
+    grad_copy = 4  # DeepSpeed keeps an fp32 gradient partition next to the master weights
     rows: list[Row] = []
+    Lg = shape.largest_module
+    # DeepSpeed: GPU 4*Lg + 18P/N (no offload), 4*Lg + 2P/N (optimizer offload), 4*Lg (both)
+    states = int((w + grad_copy + 12) * P / N)
+    p_b, o_b = int(w * P / N), int(12 * P / N)
+    if not opt_off and not par_off:
+        rows += [Row(f"weights ({w} B/param, 1/{N} partition)", "params", p_b, True),
+                 Row("gradients (fp32 partition)", "grads", states - p_b - o_b, True),
+                 Row("optimizer (fp32 master + Adam m, v; 1/N)", "optimizer", o_b, True)]
+        cpu_ds = Lg * 4 * g * f  # zero_init: the project builds ZeRO-3 models inside zero.Init
+    elif opt_off and not par_off:
+        rows.append(Row(f"weights ({w} B/param, 1/{N} partition)", "params", int(w * P / N), True))
+        cpu_ds = P * 16 * (1 / nodes) * f
+    elif opt_off and par_off:
+        cpu_ds = P * (16 + w) * (1 / nodes) * f
+    else:  # parameters offloaded, optimizer on GPU: not covered by DeepSpeed's estimator
+        rows += [Row("gradients (fp32 partition)", "grads", int(grad_copy * P / N)),
+                 Row("optimizer (fp32 master + Adam m, v; 1/N)", "optimizer", o_b)]
+        cpu_ds = P * w * (1 / nodes) * f
+    rows.append(Row("largest module gathered, 16-bit weights + grads (DeepSpeed's 4 x largest layer)",
+                    "buffers", 4 * Lg, True))
+    # per-parameter padding: each parameter is split into N parts of ceil(numel/N) elements
+    part = shape.partition_numel(N) if lay.pipeline_stages == 1 else math.ceil(P / N)
+    exact = {"params": 0 if par_off else w, "grads": 0 if opt_off else grad_copy,
+             "optimizer": 0 if opt_off else 12}
+    for cat, per_elem in exact.items():
+        have = sum(r.bytes for r in rows if r.category == cat)
+        if per_elem and per_elem * part > have:
+            rows.append(Row(f"partition padding, {cat} (each parameter rounded up to a multiple of N)",
+                            cat, per_elem * part - have))
+    prefetch = int(zcfg.get("stage3_prefetch_bucket_size", 5e7))
+    rows.append(Row("ZeRO-3 prefetch bucket (stage3_prefetch_bucket_size)", "buffers", prefetch * w))
+    threshold = int(zcfg.get("stage3_param_persistence_threshold", 1e5))
+    persistent = sum(n * c for n, c in shape.numels.items() if n < threshold)
+    if persistent:
+        rows.append(Row("persistent small parameters kept whole (< param_persistence_threshold)",
+                        "buffers", int(persistent * w)))
+    bucket = int(zcfg.get("reduce_bucket_size", 5e8))
+    rows.append(Row("gradient reduce-scatter bucket (reduce_bucket_size)" +
+                    (" x2, overlap_comm" if zcfg.get("overlap_comm") else ""),
+                    "buffers", bucket * w * (2 if zcfg.get("overlap_comm") else 1)))
+    partitions = {"params": part, "grads": part, "optimizer_fp32": part, "adam_states": 2 * part}
+    return rows, cpu_ds, partitions
+
+
+def _zero12_states(shape: ModelShape, lay: Layout, zcfg: dict[str, Any], P: int) -> _States:
+    """ZeRO-1/2: replicated weights, partitioned optimizer (and ZeRO-2 gradients), the buckets."""
+    w, N, g, f = lay.weight_bytes, lay.data_parallel, lay.gpus_per_node, DS_BUFFER_FACTOR
+    opt_off = lay.offload_optimizer != "none"
+    grad_copy = 4  # DeepSpeed keeps an fp32 gradient partition next to the master weights
+    rows: list[Row] = []
+    # DeepSpeed ZeRO-2: GPU 2P + 18P/N; optimizer offload: GPU 2P, CPU P*max(4*GPUs, 16)*1.5
+    rows.append(Row(f"weights ({w} B/param, replicated)", "params", w * P, True))
+    if not opt_off:
+        states = int((w + grad_copy + 12) * P / N)
+        o_b = int(12 * P / N)
+        if lay.zero_stage == 2:
+            rows.append(Row(f"gradients ({w}-bit + fp32 partition, 1/{N})", "grads", states - o_b, True))
+        else:  # the full 16-bit gradients: a phase of the step (activation_rows)
+            rows.append(Row(f"gradients (fp32 partition 1/{N})", "grads", int(grad_copy * P / N)))
+        rows.append(Row("optimizer (fp32 master + Adam m, v; 1/N)", "optimizer", o_b, True))
+        cpu_ds = P * 4 * g * f
+    else:
+        cpu_ds = P * max(4 * lay.world, 16) * f
+    zcfg_bucket = int(zcfg.get("reduce_bucket_size", 5e8))
+    overlap = 2 if zcfg.get("overlap_comm") else 1
+    rows.append(Row("gradient reduce bucket (reduce_bucket_size" + (", x2 overlap_comm)" if overlap == 2 else ")"),
+                    "buffers", zcfg_bucket * w * overlap))
+    rows.append(Row("weight all-gather bucket (allgather_bucket_size)", "buffers",
+                    int(zcfg.get("allgather_bucket_size", 5e8)) * w))
+    part = math.ceil(P / N)
+    partitions = {"params": P, "grads": part, "optimizer_fp32": part, "adam_states": 2 * part}
+    return rows, cpu_ds, partitions
+
+
+def _zero0_states(shape: ModelShape, lay: Layout, zcfg: dict[str, Any], P: int) -> _States:
+    """No ZeRO: everything replicated on every GPU."""
+    w, g, f = lay.weight_bytes, lay.gpus_per_node, DS_BUFFER_FACTOR
+    rows: list[Row] = []
+    fp32_grads = 4 if w < 4 else 0  # bf16/fp16 optimizer accumulates fp32 gradients
+    master = 4 if w < 4 else 0
+    rows += [Row(f"weights ({w} B/param, replicated)", "params", w * P)]
+    if fp32_grads:
+        rows.append(Row("fp32 gradient accumulation buffer (replicated)", "grads", fp32_grads * P))
+    rows.append(Row("optimizer (Adam m, v" + (" + fp32 master" if master else "") + ", replicated)",
+                    "optimizer", (8 + master) * P))
+    cpu_ds = P * 4 * g * f
+    partitions = {"params": P, "grads": P, "optimizer_fp32": P, "adam_states": 2 * P}
+    return rows, cpu_ds, partitions
+
+
+def model_states(shape: ModelShape, lay: Layout, ds_config: dict[str, Any]) -> MemoryEstimate:
+    """Weights, gradients and optimizer states (DeepSpeed's terms) plus ZeRO's buffers."""
+    P = stage_params(shape, lay.pipeline_stages)
+    g, f = lay.gpus_per_node, DS_BUFFER_FACTOR
+    zcfg = ds_config.get("zero_optimization", {})
+    # each returns its rows, DeepSpeed's host-memory figure and the per-rank partition sizes
+    states = {3: _zero3_states, 2: _zero12_states, 1: _zero12_states}.get(lay.zero_stage, _zero0_states)
+    rows, cpu_ds, partitions = states(shape, lay, zcfg, P)
     cpu: list[Row] = []
     nvme = 0
-    grad_copy = 4  # DeepSpeed keeps an fp32 gradient partition next to the master weights
-    zcfg = ds_config.get("zero_optimization", {})
-
-    if z == 3:
-        # DeepSpeed: GPU 4*Lg + 18P/N (no offload), 4*Lg + 2P/N (optimizer offload), 4*Lg (both)
-        states = int((w + grad_copy + 12) * P / N)
-        p_b, o_b = int(w * P / N), int(12 * P / N)
-        if not opt_off and not par_off:
-            rows += [Row(f"weights ({w} B/param, 1/{N} partition)", "params", p_b, True),
-                     Row("gradients (fp32 partition)", "grads", states - p_b - o_b, True),
-                     Row("optimizer (fp32 master + Adam m, v; 1/N)", "optimizer", o_b, True)]
-            cpu_ds = Lg * 4 * g * f  # zero_init: the project builds ZeRO-3 models inside zero.Init
-        elif opt_off and not par_off:
-            rows.append(Row(f"weights ({w} B/param, 1/{N} partition)", "params", int(w * P / N), True))
-            cpu_ds = P * 16 * (1 / nodes) * f
-        elif opt_off and par_off:
-            cpu_ds = P * (16 + w) * (1 / nodes) * f
-        else:  # parameters offloaded, optimizer on GPU: not covered by DeepSpeed's estimator
-            rows += [Row("gradients (fp32 partition)", "grads", int(grad_copy * P / N)),
-                     Row("optimizer (fp32 master + Adam m, v; 1/N)", "optimizer", o_b)]
-            cpu_ds = P * w * (1 / nodes) * f
-        rows.append(Row("largest module gathered, 16-bit weights + grads (DeepSpeed's 4 x largest layer)",
-                        "buffers", 4 * Lg, True))
-        # per-parameter padding: each parameter is split into N parts of ceil(numel/N) elements
-        part = shape.partition_numel(N) if lay.pipeline_stages == 1 else math.ceil(P / N)
-        exact = {"params": 0 if par_off else w, "grads": 0 if opt_off else grad_copy,
-                 "optimizer": 0 if opt_off else 12}
-        for cat, per_elem in exact.items():
-            have = sum(r.bytes for r in rows if r.category == cat)
-            if per_elem and per_elem * part > have:
-                rows.append(Row(f"partition padding, {cat} (each parameter rounded up to a multiple of N)",
-                                cat, per_elem * part - have))
-        prefetch = int(zcfg.get("stage3_prefetch_bucket_size", 5e7))
-        rows.append(Row("ZeRO-3 prefetch bucket (stage3_prefetch_bucket_size)", "buffers", prefetch * w))
-        threshold = int(zcfg.get("stage3_param_persistence_threshold", 1e5))
-        persistent = sum(n * c for n, c in shape.numels.items() if n < threshold)
-        if persistent:
-            rows.append(Row("persistent small parameters kept whole (< param_persistence_threshold)",
-                            "buffers", int(persistent * w)))
-        bucket = int(zcfg.get("reduce_bucket_size", 5e8))
-        rows.append(Row("gradient reduce-scatter bucket (reduce_bucket_size)" +
-                        (" x2, overlap_comm" if zcfg.get("overlap_comm") else ""),
-                        "buffers", bucket * w * (2 if zcfg.get("overlap_comm") else 1)))
-        partitions = {"params": part, "grads": part, "optimizer_fp32": part, "adam_states": 2 * part}
-    elif z in (1, 2):
-        # DeepSpeed ZeRO-2: GPU 2P + 18P/N; optimizer offload: GPU 2P, CPU P*max(4*GPUs, 16)*1.5
-        rows.append(Row(f"weights ({w} B/param, replicated)", "params", w * P, True))
-        if not opt_off:
-            states = int((w + grad_copy + 12) * P / N)
-            o_b = int(12 * P / N)
-            if z == 2:
-                rows.append(Row(f"gradients ({w}-bit + fp32 partition, 1/{N})", "grads", states - o_b, True))
-            else:  # the full 16-bit gradients: a phase of the step (activation_rows)
-                rows.append(Row(f"gradients (fp32 partition 1/{N})", "grads", int(grad_copy * P / N)))
-            rows.append(Row("optimizer (fp32 master + Adam m, v; 1/N)", "optimizer", o_b, True))
-            cpu_ds = P * 4 * g * f
-        else:
-            cpu_ds = P * max(4 * lay.world, 16) * f
-        zcfg_bucket = int(zcfg.get("reduce_bucket_size", 5e8))
-        overlap = 2 if zcfg.get("overlap_comm") else 1
-        rows.append(Row("gradient reduce bucket (reduce_bucket_size" + (", x2 overlap_comm)" if overlap == 2 else ")"),
-                        "buffers", zcfg_bucket * w * overlap))
-        rows.append(Row("weight all-gather bucket (allgather_bucket_size)", "buffers",
-                        int(zcfg.get("allgather_bucket_size", 5e8)) * w))
-        part = math.ceil(P / N)
-        partitions = {"params": P, "grads": part, "optimizer_fp32": part, "adam_states": 2 * part}
-    else:
-        fp32_grads = 4 if w < 4 else 0  # bf16/fp16 optimizer accumulates fp32 gradients
-        master = 4 if w < 4 else 0
-        rows += [Row(f"weights ({w} B/param, replicated)", "params", w * P)]
-        if fp32_grads:
-            rows.append(Row("fp32 gradient accumulation buffer (replicated)", "grads", fp32_grads * P))
-        rows += [
-                 Row("optimizer (Adam m, v" + (" + fp32 master" if master else "") + ", replicated)",
-                     "optimizer", (8 + master) * P)]
-        cpu_ds = P * 4 * g * f
-        partitions = {"params": P, "grads": P, "optimizer_fp32": P, "adam_states": 2 * P}
-
     nvme_off = "nvme" in (lay.offload_optimizer, lay.offload_param)
     if nvme_off:
         nvme = int(cpu_ds / f)

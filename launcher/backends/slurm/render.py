@@ -273,21 +273,21 @@ export NET_IFACE PY RAY_START_TIMEOUT RAY_PORT_BLOCK
 
 def _node_exclusion() -> list[str]:
     """The allocation's nodes, and a requeue without the ones that failed too often."""
-    text = f"""\
+    text = """\
 # Ray: the head on this (the first) node, one srun step per other node, so that a node lost
 # mid-run is known by name. Ports: a block each node reserves and probes for itself, starting
 # at the job id's slot; no dashboard; a token that lives only in this job's environment.
 NODES=($(scontrol show hostnames "$SLURM_JOB_NODELIST"))
-HEAD_NODE="${{NODES[0]}}"
+HEAD_NODE="${NODES[0]}"
 
 # Nodes lost EXCLUDE_NODE_AFTER times under this run (over all its allocations) are excluded
 # from its next ones; an allocation that holds one anyway (Slurm requeued the job itself after
 # a node failure) goes straight back to the queue without it.
-failed_nodes() {{
+failed_nodes() {
   grep -o '"event": "node_failed".*"node": "[^"]*"' "$EVENTS" | sed 's/.*"node": "//; s/"$//' \\
-    | sort | uniq -c | awk -v n="$EXCLUDE_NODE_AFTER" 'n > 0 && $1 >= n {{print $2}}' | paste -sd, -
-}}
-requeue_excluding() {{
+    | sort | uniq -c | awk -v n="$EXCLUDE_NODE_AFTER" 'n > 0 && $1 >= n {print $2}' | paste -sd, -
+}
+requeue_excluding() {
   local bad
   bad="$(failed_nodes)"
   trap '' TERM   # Slurm signals the batch shell as it requeues; finish the update first
@@ -297,8 +297,8 @@ requeue_excluding() {{
     scontrol update JobId="$SLURM_JOB_ID" ExcNodeList="$bad"
   fi
   return 0
-}}
-BAD_HERE="$(failed_nodes | tr , '\\n' | grep -Fxf <(printf '%s\\n' "${{NODES[@]}}") | paste -sd, -)"
+}
+BAD_HERE="$(failed_nodes | tr , '\\n' | grep -Fxf <(printf '%s\\n' "${NODES[@]}") | paste -sd, -)"
 if [ -n "$BAD_HERE" ] && [ "$RESTART" -lt "$MAX_RESTARTS" ]; then
   echo "launcher: $BAD_HERE failed $EXCLUDE_NODE_AFTER times under this run: requeueing without it" >&2
   requeue_excluding && exit 0
