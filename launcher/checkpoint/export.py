@@ -119,6 +119,16 @@ def export_checkpoint(
     if pipeline_layer_files(step_dir):
         return _export_pipeline(step_dir, out, recipe=recipe, dtype=dtype, max_shard_size=max_shard_size,
                                 progress=progress, start=start, trust_remote_code=trust_remote_code)
+    return _export_zero(step_dir, out, recipe=recipe, target=target, dtype=dtype, max_shard_size=max_shard_size,
+                        progress=progress, remap_bytes=remap_bytes, trust_remote_code=trust_remote_code,
+                        start=start)
+
+
+def _export_zero(step_dir: Path, out: Path, *, recipe: Any, target: torch.dtype, dtype: str,
+                 max_shard_size: str | int, progress: Progress | None, remap_bytes: int,
+                 trust_remote_code: bool, start: float) -> dict[str, Any]:
+    """A ZeRO 0-3 (non-pipeline) checkpoint as safetensors shards, written by a background thread
+    while this one builds the config and checks that the checkpoint matches it."""
     meta = read_meta(step_dir)
     buffers = read_buffers(step_dir)
     # Tensors in model order. A tied alias (meta.shared_params) shares its source's data in the
