@@ -15,9 +15,15 @@ t launcher recipes validate recipes/
 t launcher recipes show recipes/sft/llama-3.1-8b-full-sft.yaml train.lr=2e-5
 t launcher run recipes/examples/tiny-sft.yaml train.max_steps=100 --run-dir runs/try1
 t launcher run recipes/examples/tiny-pretrain.yaml --run-dir runs/pretrain
+t launcher data prepare recipes/examples/tiny-mix.yaml
+t launcher run recipes/examples/tiny-lora.yaml train.max_steps=50 --run-dir runs/lora
+t launcher ckpt export runs/lora --out hf/lora-adapter
+t launcher ckpt export runs/lora --merge --out hf/lora-merged
+t launcher run recipes/examples/tiny-dpo.yaml train.max_steps=50 --run-dir runs/dpo
 t launcher plot runs/try1
 t launcher run recipes/examples/tiny-sft.yaml train.max_step=5
 t launcher estimate recipes/sft/llama-3.1-8b-full-sft.yaml --gpu A100-80GB
+t launcher estimate --model meta-llama/Llama-3.1-8B --gpu RTX4090-24GB train.method=qlora
 t launcher submit recipes/sft/llama-3.1-8b-full-sft.yaml --cluster cluster/example-slurm.yaml --dry-run
 t launcher submit recipes/sft/llama-3.1-8b-full-sft.yaml --cluster cluster/example-skypilot.yaml --dry-run
 t launcher status
