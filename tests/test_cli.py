@@ -86,7 +86,8 @@ def test_validate_reports_each_file(tmp_path):
     assert res.exit_code == 2
     rows = json.loads(res.output)
     assert {r["path"].split("/")[-1]: r["ok"] for r in rows} == {
-        "tiny-mix.yaml": True, "tiny-pretrain.yaml": True, "tiny-sft.yaml": True, "bad.yaml": False}
+        "tiny-dpo.yaml": True, "tiny-lora.yaml": True, "tiny-mix.yaml": True, "tiny-pretrain.yaml": True,
+        "tiny-sft.yaml": True, "bad.yaml": False}
     assert "did you mean 'max_steps'" in [r for r in rows if not r["ok"]][0]["error"]
 
 
