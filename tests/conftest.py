@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import functools
+import json
 import os
 from pathlib import Path
 
@@ -39,6 +41,21 @@ def tiny_recipe_dict(**sections) -> dict:
     }
     base.update(sections)
     return base
+
+
+@functools.lru_cache(maxsize=1)
+def bytes_tokenizer():
+    """The built-in byte tokenizer, built once per test process."""
+    from launcher.data import build_tokenizer
+    from launcher.recipe.sections import TokenizerConfig
+
+    return build_tokenizer(TokenizerConfig(builtin="bytes"), None)
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    """`rows` as a JSON-lines file at `path`."""
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
 
 
 @pytest.fixture

@@ -5,15 +5,14 @@ without pairs, packing, pipelines and precomputed references (exit 2, nothing st
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, tiny_recipe_dict
-from launcher.data import build_datasets, build_tokenizer, collate
+from conftest import ROOT, bytes_tokenizer, tiny_recipe_dict, write_jsonl
+from launcher.data import build_datasets, collate
 from launcher.data.prepare import prepare_datasets
 from launcher.errors import DataError, RecipeError
 from launcher.recipe import from_dict
@@ -36,19 +35,7 @@ KTO = [{"messages": [{"role": "user", "content": "Reverse abc."}, {"role": "assi
        {"messages": [{"role": "user", "content": "Reverse de."}, {"role": "assistant", "content": "de"}],
         "label": False}]
 
-TOK = None
 
-
-def tok():
-    global TOK
-    if TOK is None:
-        TOK = build_tokenizer(from_dict(tiny_recipe_dict()).tokenizer, None)
-    return TOK
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def recipe(tmp_path: Path, task: str, rows: list | None = None, **data):
@@ -61,7 +48,7 @@ def recipe(tmp_path: Path, task: str, rows: list | None = None, **data):
 
 def response(ex: dict, prefix: str = "") -> str:
     ids, labels = ex[prefix + "input_ids"], ex[prefix + "labels"]
-    return tok().decode([t for t, label in zip(ids, labels) if label != IGNORE])
+    return bytes_tokenizer().decode([t for t, label in zip(ids, labels) if label != IGNORE])
 
 
 def prompt_part(ex: dict, prefix: str = "") -> list[int]:
@@ -78,7 +65,7 @@ def prompt_part(ex: dict, prefix: str = "") -> list[int]:
 ])
 def test_pairs_share_the_prompt_and_label_only_the_response(tmp_path, fmt, rows, chosen, rejected):
     r = recipe(tmp_path, "dpo", rows, format=fmt)
-    mem, prep = build_datasets(r, tok()), prepare_datasets(r, tok())
+    mem, prep = build_datasets(r, bytes_tokenizer()), prepare_datasets(r, bytes_tokenizer())
     assert len(mem.train) == len(prep.train) == 2
     for i, ex in enumerate(mem.train):
         assert prep.train[i] == ex  # the memory-mapped files hold exactly these examples
@@ -86,16 +73,16 @@ def test_pairs_share_the_prompt_and_label_only_the_response(tmp_path, fmt, rows,
         assert chosen[i] in response(ex) and rejected[i] in response(ex, "rejected_")
         assert chosen[i] not in response(ex, "rejected_")
     if fmt == "sharegpt":  # an earlier assistant turn belongs to the prompt: no labels on it
-        assert "Hello" not in response(mem.train[1]) and "Hello" in tok().decode(prompt_part(mem.train[1]))
+        assert "Hello" not in response(mem.train[1]) and "Hello" in bytes_tokenizer().decode(prompt_part(mem.train[1]))
     assert mem.eval_prompts == prep.eval_prompts
 
 
 def test_kto_rows_carry_their_label_through_prepare_and_collate(tmp_path):
     r = recipe(tmp_path, "kto", KTO, format="chat")
-    mem, prep = build_datasets(r, tok()), prepare_datasets(r, tok())
+    mem, prep = build_datasets(r, bytes_tokenizer()), prepare_datasets(r, bytes_tokenizer())
     assert [e["desirable"] for e in mem.train] == [True, False]
     assert [prep.train[i] for i in range(2)] == list(mem.train)
-    batch = collate([prep.train[0], prep.train[1]], pad_id=tok().pad_token_id)
+    batch = collate([prep.train[0], prep.train[1]], pad_id=bytes_tokenizer().pad_token_id)
     assert batch["desirable"].tolist() == [True, False]
     # the KL sequences: prompt i with the completion of example i-1 (TRL's mismatched pairs)
     kl = [{"input_ids": [t for t, m in zip(row, mask) if m], "labels": [t for t, m in zip(lab, mask) if m]}
@@ -109,20 +96,20 @@ def test_alpaca_kto_and_kto_tag_column_mapping(tmp_path):
     rows = [{"instruction": PROMPT, "input": "ab", "output": "ba", "kto_tag": True},
             {"instruction": PROMPT, "input": "cd", "output": "cd", "kto_tag": False}]
     r = recipe(tmp_path, "kto", rows, format="alpaca")
-    assert [e["desirable"] for e in prepare_datasets(r, tok()).train] == [True, False]
+    assert [e["desirable"] for e in prepare_datasets(r, bytes_tokenizer()).train] == [True, False]
     renamed = [{"instruction": x["instruction"], "input": x["input"], "answer": x["output"], "good": x["kto_tag"]}
                for x in rows]
     source = {"path": [str(write_jsonl(tmp_path / "renamed.jsonl", renamed))],
               "columns": {"output": "answer", "label": "good"}, "epochs": 1}  # as for SFT
     r = recipe(tmp_path, "kto", format="alpaca", sources=[source])
-    train = prepare_datasets(r, tok()).train
+    train = prepare_datasets(r, bytes_tokenizer()).train
     assert [response(e) for e in train] == ["ba</s>", "cd</s>"] and [e["desirable"] for e in train] == [True, False]
 
 
 def test_pairs_collate_chosen_rows_then_rejected_rows(tmp_path):
     r = recipe(tmp_path, "dpo", ALPACA, format="alpaca")
-    train = prepare_datasets(r, tok()).train
-    batch = collate([train[0], train[1]], pad_id=tok().pad_token_id)
+    train = prepare_datasets(r, bytes_tokenizer()).train
+    batch = collate([train[0], train[1]], pad_id=bytes_tokenizer().pad_token_id)
     assert batch["input_ids"].shape[0] == 4
     for row, (ex, key) in enumerate([(train[0], ""), (train[1], ""), (train[0], "rejected_"), (train[1], "rejected_")]):
         n = len(ex[key + "input_ids"])
@@ -133,17 +120,17 @@ def test_pairs_collate_chosen_rows_then_rejected_rows(tmp_path):
 def test_the_task_is_part_of_the_cache_fingerprint(tmp_path):
     rows = [{"instruction": PROMPT, "input": "ab", "output": "ba", "chosen": "ba", "rejected": "ab"}]
     sft, dpo = recipe(tmp_path, "sft", rows, format="alpaca"), recipe(tmp_path, "dpo", rows, format="alpaca")
-    assert "rejected_input_ids" not in prepare_datasets(sft, tok()).train[0]
-    assert "rejected_input_ids" in prepare_datasets(dpo, tok()).train[0]
+    assert "rejected_input_ids" not in prepare_datasets(sft, bytes_tokenizer()).train[0]
+    assert "rejected_input_ids" in prepare_datasets(dpo, bytes_tokenizer()).train[0]
 
 
 def test_dpo_on_sft_rows_names_the_file_row_and_missing_fields(tmp_path):
     rows = [{"instruction": PROMPT, "input": "ab", "output": "ba"}]
     r = recipe(tmp_path, "dpo", rows, format="alpaca")
     with pytest.raises(DataError, match=r"rows.jsonl: row 1: missing fields 'chosen' and 'rejected'.*train.task=sft"):
-        prepare_datasets(r, tok())
+        prepare_datasets(r, bytes_tokenizer())
     with pytest.raises(DataError, match="missing field 'label'"):
-        prepare_datasets(recipe(tmp_path, "kto", rows, format="alpaca"), tok())
+        prepare_datasets(recipe(tmp_path, "kto", rows, format="alpaca"), bytes_tokenizer())
 
 
 @pytest.mark.parametrize("task,data,key", [
@@ -198,8 +185,8 @@ def test_a_new_generator_version_prepares_the_synthetic_pairs_again(tmp_path, mo
     from launcher.data import synthetic
 
     r = recipe(tmp_path, "dpo", format="alpaca", synthetic={"task": "reverse_pairs", "num_examples": 8})
-    first = prepare_datasets(r, tok()).stats["prepared"][0]
-    assert prepare_datasets(r, tok()).stats["prepared"][0] == {**first, "cache_hit": True}
+    first = prepare_datasets(r, bytes_tokenizer()).stats["prepared"][0]
+    assert prepare_datasets(r, bytes_tokenizer()).stats["prepared"][0] == {**first, "cache_hit": True}
     monkeypatch.setitem(synthetic.GENERATOR_VERSIONS, "reverse_pairs", synthetic.GENERATOR_VERSIONS["reverse_pairs"] + 1)
-    again = prepare_datasets(r, tok()).stats["prepared"][0]
+    again = prepare_datasets(r, bytes_tokenizer()).stats["prepared"][0]
     assert not again["cache_hit"] and again["path"] != first["path"]

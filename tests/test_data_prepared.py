@@ -3,7 +3,6 @@ format, one cache entry per fingerprint, atomic commits, and splits that pickle 
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import random
@@ -15,22 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, tiny_recipe_dict
-from launcher.data import build_datasets, build_tokenizer
+from conftest import ROOT, bytes_tokenizer, tiny_recipe_dict, write_jsonl
+from launcher.data import build_datasets
 from launcher.data import cache as data_cache
 from launcher.data.prepare import plan_sources, prepare_datasets
 from launcher.data.store import PreparedSplit
 from launcher.errors import DataError
 from launcher.recipe import from_dict
 
-TOK = None
-
-
-def tok():
-    global TOK
-    if TOK is None:
-        TOK = build_tokenizer(from_dict(tiny_recipe_dict()).tokenizer, None)
-    return TOK
 
 
 def recipe(tmp_path: Path, task: str = "sft", **data):
@@ -47,7 +38,7 @@ def same(a, b) -> None:
 
 
 def check_same_as_in_memory(r) -> tuple:
-    mem, prep = build_datasets(r, tok()), prepare_datasets(r, tok())
+    mem, prep = build_datasets(r, bytes_tokenizer()), prepare_datasets(r, bytes_tokenizer())
     same(mem.train, prep.train)
     same(mem.eval, prep.eval)
     assert mem.eval_prompts == prep.eval_prompts
@@ -56,10 +47,6 @@ def check_same_as_in_memory(r) -> tuple:
         assert mem.stats[k] == prep.stats[k], k
     return mem, prep
 
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 ALPACA = [{"instruction": f"say {i} {'x' * (i % 30)}", "input": "" if i % 3 else "ctx", "output": f"ok {i}" * (1 + i % 4)}
@@ -116,23 +103,23 @@ def test_eval_path_and_synthetic(tmp_path):
 def test_second_prepare_is_a_cache_hit_and_a_changed_source_is_prepared_again(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", ALPACA)
     r = recipe(tmp_path, format="alpaca", path=[str(path)])
-    first = prepare_datasets(r, tok())
+    first = prepare_datasets(r, bytes_tokenizer())
     assert [p["cache_hit"] for p in first.stats["prepared"]] == [False]
-    again = prepare_datasets(r, tok())
+    again = prepare_datasets(r, bytes_tokenizer())
     assert [p["cache_hit"] for p in again.stats["prepared"]] == [True]
     write_jsonl(path, ALPACA[:50])  # changed: other size and mtime
-    changed = prepare_datasets(r, tok())
+    changed = prepare_datasets(r, bytes_tokenizer())
     assert [p["cache_hit"] for p in changed.stats["prepared"]] == [False]
     assert changed.stats["prepared"][0]["path"] != first.stats["prepared"][0]["path"]
-    same(build_datasets(r, tok()).train, changed.train)  # the new rows only, nothing of the old
+    same(build_datasets(r, bytes_tokenizer()).train, changed.train)  # the new rows only, nothing of the old
     # other sequence settings: another data set
     r2 = recipe(tmp_path, format="alpaca", path=[str(path)], max_seq_len=128)
-    assert prepare_datasets(r2, tok()).stats["prepared"][0]["cache_hit"] is False
+    assert prepare_datasets(r2, bytes_tokenizer()).stats["prepared"][0]["cache_hit"] is False
 
 
 def test_a_split_pickles_as_its_path(tmp_path):
     r = recipe(tmp_path, format="alpaca", synthetic={"task": "reverse", "num_examples": 3000})
-    prep = prepare_datasets(r, tok())
+    prep = prepare_datasets(r, bytes_tokenizer())
     blob = pickle.dumps(prep)
     assert len(blob) < 4000, len(blob)  # the tokens never travel
     back = pickle.loads(blob)
@@ -144,8 +131,8 @@ def test_malformed_rows_name_file_row_and_field_and_are_counted_per_reason(tmp_p
     rows = [*ALPACA[:20], {"instruction": "x"}, {"instruction": "y", "output": 3}, {"instruction": "z"}]
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
     with pytest.raises(DataError, match=r"bad\.jsonl: row 21: missing field 'output'"):
-        prepare_datasets(recipe(tmp_path, format="alpaca", path=[str(path)]), tok())
-    prep = prepare_datasets(recipe(tmp_path, format="alpaca", path=[str(path)], skip_malformed=True), tok())
+        prepare_datasets(recipe(tmp_path, format="alpaca", path=[str(path)]), bytes_tokenizer())
+    prep = prepare_datasets(recipe(tmp_path, format="alpaca", path=[str(path)], skip_malformed=True), bytes_tokenizer())
     assert prep.stats["skipped_malformed"] == 3
     assert prep.stats["skipped_by_reason"] == {"missing field 'output'": 2, "field 'output' must be a string, got int": 1}
     # a failed prepare left nothing behind that counts as prepared
@@ -158,7 +145,7 @@ def test_a_prepare_cut_short_leaves_nothing_training_accepts(tmp_path, monkeypat
 
     r = recipe(tmp_path, format="alpaca", synthetic={"task": "reverse", "num_examples": 500})
     plan = plan_sources(r.data)[0]
-    fp = data_cache.fingerprint(prep_mod.fingerprint_inputs(plan, r.train.seed, tok()))
+    fp = data_cache.fingerprint(prep_mod.fingerprint_inputs(plan, r.train.seed, bytes_tokenizer()))
     root = data_cache.cache_root(r.data.cache_dir)
 
     def dies(*a, **k):  # the process dies after writing the files, before the manifest
@@ -166,7 +153,7 @@ def test_a_prepare_cut_short_leaves_nothing_training_accepts(tmp_path, monkeypat
 
     monkeypatch.setattr(data_cache, "commit", dies)
     with pytest.raises(KeyboardInterrupt):
-        prepare_datasets(r, tok())
+        prepare_datasets(r, bytes_tokenizer())
     assert data_cache.lookup(root, fp) is None
     monkeypatch.undo()
     # a staging directory without its manifest (a SIGKILL) is not a data set either
@@ -174,12 +161,12 @@ def test_a_prepare_cut_short_leaves_nothing_training_accepts(tmp_path, monkeypat
     (stage / "train").mkdir(parents=True)
     assert data_cache.problem(stage) is not None and data_cache.lookup(root, fp) is None
     # a committed data set with a truncated file is refused
-    prep = prepare_datasets(r, tok())
+    prep = prepare_datasets(r, bytes_tokenizer())
     path = Path(prep.stats["prepared"][0]["path"])
     tokens = path / "train" / "tokens.bin"
     tokens.write_bytes(tokens.read_bytes()[:-2])
     assert data_cache.lookup(root, fp) is None
-    assert prepare_datasets(r, tok()).stats["prepared"][0]["cache_hit"] is False  # prepared again
+    assert prepare_datasets(r, bytes_tokenizer()).stats["prepared"][0]["cache_hit"] is False  # prepared again
     assert data_cache.lookup(root, fp) is not None
 
 
@@ -227,8 +214,8 @@ def test_a_prepare_killed_at_a_random_moment_leaves_nothing_training_accepts(tmp
     d["data"] = {"format": "alpaca", "synthetic": {"task": "reverse", "num_examples": 3000}, "max_seq_len": 64,
                  "cache_dir": str(cache)}
     r = from_dict(d)
-    prep = prepare_datasets(r, tok())  # finishes the job, or finds the one that was committed
-    same(build_datasets(r, tok()).train, prep.train)
+    prep = prepare_datasets(r, bytes_tokenizer())  # finishes the job, or finds the one that was committed
+    same(build_datasets(r, bytes_tokenizer()).train, prep.train)
     print("killed before commit / after:", outcomes)
 
 
@@ -262,9 +249,9 @@ def test_a_streamed_hub_source_is_prepared_batch_by_batch(tmp_path, monkeypatch)
     monkeypatch.setattr(sources, "open_hub", lambda data, key="data.hub": datasets.Dataset.from_list(rows).to_iterable_dataset())
     monkeypatch.setattr("launcher.data.prepare._hub_revision", lambda d: "abc123")
     r = recipe(tmp_path, "pretrain", format="text", hub="someone/corpus", streaming=True, packing=True, eval_fraction=0.1)
-    prep = prepare_datasets(r, tok())
+    prep = prepare_datasets(r, bytes_tokenizer())
     whole = build_datasets(recipe(tmp_path, "pretrain", format="text", path=[str(write_jsonl(tmp_path / "t.jsonl", rows))],
-                                  packing=True), tok()).train
+                                  packing=True), bytes_tokenizer()).train
     got = sorted([prep.train[i] for i in range(len(prep.train))] + [prep.eval[i] for i in range(len(prep.eval))],
                  key=lambda e: e["input_ids"])
     assert got == sorted(whole, key=lambda e: e["input_ids"])  # every sequence, in train or eval
